@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dis
 import importlib
 import logging
 import os
@@ -267,6 +268,24 @@ def _worth_showing(name: str, value: Any) -> bool:
     return not isinstance(value, (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, type))
 
 
+#: The instructions that read a variable (``LOAD_FAST_LOAD_FAST``, 3.13, two at once).
+_READS = ("LOAD_NAME", "LOAD_GLOBAL", "LOAD_FAST", "LOAD_DEREF", "LOAD_CLASSDEREF", "LOAD_FROM_DICT")
+
+
+def _names_on_line(code: types.CodeType, lineno: int) -> set[str]:
+    """The variables ``code`` reads on line ``lineno`` (Python 3.11+, from its
+    instructions' positions; before, none): a frame's first to send when it has more
+    than MAX_LOCALS, those ``%xmode Verbose`` lists under its failing line."""
+    if sys.version_info < (3, 11):
+        return set()
+    found: set[str] = set()
+    for instruction in dis.get_instructions(code):
+        if instruction.opname.startswith(_READS) and instruction.positions and instruction.positions.lineno == lineno:
+            value = instruction.argval
+            found.update(name for name in (value if isinstance(value, tuple) else (value,)) if isinstance(name, str))
+    return found
+
+
 #: Characters of argument reprs one failure sends for the frames of its traceback,
 #: all frames together (see :meth:`FailureReprs.arguments`): the arguments whose
 #: turn comes after show ``<not sent>``.
@@ -312,11 +331,13 @@ class FailureReprs:
             frame = tb.tb_frame
             where = (frame.f_code.co_filename, tb.tb_lineno, frame.f_code.co_name)
             try:
-                for name, value in list(frame.f_locals.items()):
-                    if len(frame_locals) >= MAX_LOCALS:
-                        break
-                    if _worth_showing(name, value):
-                        frame_locals[name] = _bounded_repr(value, clock=self._clock)
+                shown = [(name, value) for name, value in list(frame.f_locals.items()) if _worth_showing(name, value)]
+                if len(shown) > MAX_LOCALS:  # (those of the failing line first: %xmode Verbose lists them)
+                    first = _names_on_line(frame.f_code, tb.tb_lineno)
+                    kept = {name for name, _ in sorted(shown, key=lambda item: item[0] not in first)[:MAX_LOCALS]}
+                    shown = [(name, value) for name, value in shown if name in kept]
+                for name, value in shown:
+                    frame_locals[name] = _bounded_repr(value, clock=self._clock)
             except Exception:
                 _log.debug("mpmagic: could not read the raising frame's locals", exc_info=True)
             self._raising = (frame, frame_locals)

@@ -761,12 +761,14 @@ def _stub(fr: FrameInfo, lineno: int, first: int, spots: list[Spot]) -> types.Co
 _stub_codes: dict[tuple, types.CodeType] = {}
 
 
-def fake_traceback(frames: list[FrameInfo], last_names: dict[str, Any] | None = None) -> types.TracebackType | None:
+def fake_traceback(frames: list[FrameInfo], last_names: dict[str, Any] | None = None,
+                   last_variables: dict[str, Any] | None = None) -> types.TracebackType | None:
     """A real traceback object whose frames are ``frames`` (file, line, name).
 
     ``last_names``: names the last frame has, with their values (as globals of its
     stub), which Python's printer may suggest for a NameError (:func:`suggested_name`,
-    :func:`suggestion_globals`).
+    :func:`suggestion_names`); ``last_variables``: names its ``f_locals`` has besides its
+    parameters (Python 3.12's ``traceback`` module reads them, its excepthook does not).
 
     Repeats are told as serially: IPython collapses a recursion ("[... skipping
     similar frames: f at line 3 (147 times)]", stack_data's ``RepeatedFrames``)
@@ -781,6 +783,8 @@ def fake_traceback(frames: list[FrameInfo], last_names: dict[str, Any] | None = 
     frame), with one raise per spot in it (:func:`_stub`); and file and name are
     interned strings. The stubs run in this thread's :func:`_stub_runner`, so
     that the frames hold nothing of the code that rebuilt the exception (see there).
+    The last frame's globals are its own (:class:`_FrameGlobals`): the raising
+    frame's other variables go there (:func:`show_captured_values`).
     """
     spots: dict[tuple, dict[Spot, int]] = {}
     placed = []
@@ -817,12 +821,16 @@ def fake_traceback(frames: list[FrameInfo], last_names: dict[str, Any] | None = 
                                                          **names)
             codes[key] = code
         arguments = _arguments(fr, code)
-        globals_names: dict[str, Any] = {}
-        if k == len(placed) - 1 and last_names:
-            arguments, globals_names = _with_self_attribute(fr, arguments, last_names)
+        globals_names: dict[str, Any] | None = None
+        if k == len(placed) - 1:  # (globals of its own: show_captured_values adds the frame's other variables)
+            globals_names = {}
+            if last_names:
+                arguments, globals_names = _with_self_attribute(fr, arguments, last_names)
         tb = _run_stub(code, arguments, at, globals_names)
         if tb is None:
             continue
+        if k == len(placed) - 1 and last_variables:
+            tb.tb_frame.f_locals.update(last_variables)  # (3.12: kept, its own variables refreshed around them)
         tb.tb_next = None
         if tail is None:
             head = tb
@@ -921,7 +929,11 @@ def show_captured_values(exc: BaseException, context: dict[str, Any] | None) -> 
     as for a local error (the frames' own :class:`FrameValues` have them
     already, unless the exception came as words only: a RemoteError); and so
     the frame's own variable a NameError suggests, one of its globals there
-    (:func:`suggestion_globals`)."""
+    (:func:`suggestion_names`). Its other variables become its globals
+    (:func:`_show_other_variables`): Verbose lists them under the failing line.
+
+    The frame is the worker's one whose locals were taken (``context["where"]``),
+    a ``%%parallel`` body's named as its notebook cell (:func:`cell_file`)."""
     tb = exc.__traceback__
     where = (context or {}).get("where")
     captured = (context or {}).get("locals") or {}
@@ -930,26 +942,58 @@ def show_captured_values(exc: BaseException, context: dict[str, Any] | None) -> 
     while tb.tb_next is not None:
         tb = tb.tb_next
     code = tb.tb_frame.f_code
-    if (code.co_filename, tb.tb_lineno, code.co_name) != tuple(where):
+    filename, lineno, function = where
+    if (tb.tb_lineno, code.co_name) != (lineno, function) or code.co_filename not in (filename, cell_file(filename)):
         return  # (not the frame whose locals were taken)
+    own_builtins = tb.tb_frame.f_builtins if tb.tb_frame.f_builtins is not vars(builtins) else {}  # (see _apart_suggestions)
     try:
-        for name, value in [*tb.tb_frame.f_locals.items(), *tb.tb_frame.f_globals.items()]:
+        for name, value in [*tb.tb_frame.f_locals.items(), *tb.tb_frame.f_globals.items(), *own_builtins.items()]:
             if (isinstance(value, _WorkerValue) and value._mpmagic_text == "<not sent>"
                     and isinstance(captured.get(name), str)):
                 value._mpmagic_text = captured[name]
+        _show_other_variables(exc, tb.tb_frame, captured)
     except Exception:  # (cosmetic: never an error of ours in place of the task's)
         logger.debug("mpmagic: the raising frame's values not shown", exc_info=True)
 
 
+class _FrameGlobals(dict):
+    """The globals of the copy of a traceback's last frame: its own (the other
+    frames' copies share their runner's), so the raising frame's variables can be
+    added to it (:func:`_show_other_variables`)."""
+
+
+def _show_other_variables(exc: BaseException, frame: types.FrameType, captured: dict[str, Any]) -> None:
+    """The worker's reprs (``captured``) of the raising frame's variables that its
+    copy (``frame``) has not among its parameters or globals, added to its globals as
+    :class:`_WorkerValue`: ``%xmode Verbose`` lists the variables of the failing line
+    (``x = 2`` under ``return 1 / (x - 2)``), read from the frame's locals and globals,
+    and the copy's locals are only the function's parameters (a ``%%parallel`` cell's
+    frame, a module's, has none). A NameError keeps them only if Python's "Did you
+    mean" there stays what it was (:func:`suggestion_names` chose the names it reads)."""
+    shown = frame.f_globals
+    if type(shown) is not _FrameGlobals:
+        return  # (a frame whose globals its runner's other copies share)
+    added = {name: _WorkerValue(text) for name, text in captured.items()
+             if isinstance(text, str) and name not in frame.f_locals and name not in shown}
+    if not added:
+        return
+    said = _suggested_by_both(exc) if isinstance(exc, NameError) else None
+    shown.update(added)
+    if isinstance(exc, NameError) and _suggested_by_both(exc) != said:
+        for name in added:
+            del shown[name]
+
+
 def _stub_runner() -> Generator[types.TracebackType | None,
-                                 tuple[types.CodeType, tuple[list, dict, list, dict], int, dict[str, Any]], None]:
+                                 tuple[types.CodeType, tuple[list, dict, list, dict], int, dict[str, Any] | None],
+                                 None]:
     marker = _FrameMarker()
     tb: types.TracebackType | None = None
     namespace: dict[str, Any] = {"__mpmagic_exc__": marker, "__mpmagic_op__": _Raiser(marker), "__name__": "__main__"}
     while True:
         code, (positional, kwonly, star, starstar), namespace["__mpmagic_at__"], names = yield tb
         tb = None
-        func = types.FunctionType(code, {**names, **namespace} if names else namespace)
+        func = types.FunctionType(code, namespace if names is None else _FrameGlobals({**names, **namespace}))
         func.__defaults__ = tuple(positional)
         func.__kwdefaults__ = kwonly
         try:
@@ -968,14 +1012,14 @@ def _run_stub(code: types.CodeType, arguments: tuple[list, dict, list, dict], at
               names: dict[str, Any] | None = None) -> types.TracebackType | None:
     """The traceback of one stub (a function's code) called with ``arguments`` (see
     :func:`_arguments`) in this thread's runner, raising at its spot ``at`` (see :func:`_stub`),
-    with ``names`` among its globals (see :func:`fake_traceback`)."""
+    with globals of its own holding ``names`` (see :func:`fake_traceback`); None: the runner's."""
     runner = getattr(_runners, "runner", None)
     if runner is None:
         runner = _stub_runner()
         next(runner)
         _runners.runner = runner
     try:
-        return runner.send((code, arguments, at, names or {}))
+        return runner.send((code, arguments, at, names))
     except BaseException:  # (a KeyboardInterrupt inside it ends the generator): a new one next time
         _runners.runner = None
         raise
@@ -1167,7 +1211,9 @@ class NameScope:
     or for a module's frame (``module``: a ``%%parallel`` cell, whose locals are its
     globals) the names of its namespace; each cut to :data:`_MAX_SCOPE_NAMES`.
     ``self_has``: (3.12 on) it has a ``self`` with an attribute of the wrong name, which
-    Python then suggests ("Did you mean: 'self.total'?") before any other name."""
+    Python then suggests ("Did you mean: 'self.total'?") before any other name.
+    ``listed``: what the worker's ``traceback`` module suggested (:func:`_suggested_by_both`),
+    for a frame not ``main``: on Python 3.12 not always the excepthook's ``suggested``."""
 
     suggested: str | None = None  # what the worker's printer suggested
     main: bool = False  # a __main__ frame (the notebook's function, or cell): the notebook's globals are its globals
@@ -1175,6 +1221,7 @@ class NameScope:
     varnames: tuple[str, ...] = ()
     bound: tuple[str, ...] = ()
     self_has: bool = False
+    listed: str | None = None
 
 
 def suggested_name(exc: BaseException) -> NameScope | None:
@@ -1196,10 +1243,11 @@ def suggested_name(exc: BaseException) -> NameScope | None:
     while last.tb_next is not None:
         last = last.tb_next
     frame = last.tb_frame
-    suggested = _suggested(exc)
     main = frame.f_globals.get("__name__") == "__main__"
     if not main:
-        return NameScope(suggested)
+        suggested, listed = _suggested_by_both(exc)
+        return NameScope(suggested, listed=listed)
+    suggested = _suggested(exc)
     try:
         names = frame.f_locals  # (a module's frame: its globals; 3.13: a proxy of the function's variables)
         module = names is frame.f_globals
@@ -1226,8 +1274,15 @@ NO_SUGGESTION = tuple(f"__mpmagic_{i}__" for i in range(_MAX_SCOPE_NAMES))
 
 
 def home_suggestion(wrong: str | None, scope: NameScope | None) -> str | None:
-    """The name serial Python would suggest for ``wrong`` (or ``self.wrong``), raised in
-    the frame ``scope`` describes (see :func:`suggested_name`).
+    """The name serial Python's printer (``sys.excepthook``'s) would suggest for ``wrong``
+    (or ``self.wrong``), raised in the frame ``scope`` describes: see :func:`home_suggestions`."""
+    return home_suggestions(wrong, scope)[0]
+
+
+def home_suggestions(wrong: str | None, scope: NameScope | None) -> tuple[str | None, str | None]:
+    """The names serial Python would suggest for ``wrong`` (or ``self.wrong``), raised in
+    the frame ``scope`` describes (see :func:`suggested_name`): by ``sys.excepthook``'s
+    printer and by the ``traceback`` module (:func:`_suggested_by_both`).
 
     For a ``__main__`` frame, Python's own printer (:func:`_suggested`) is asked in a
     throwaway frame with that frame's names and, as globals, the notebook's (valued
@@ -1237,7 +1292,9 @@ def home_suggestion(wrong: str | None, scope: NameScope | None) -> str | None:
     many names are too many) apply as they would serially; a ``%%parallel`` cell's is
     a module's, whose globals are the notebook's and the names the cell had bound."""
     if scope is None or not scope.main or not wrong or not wrong.isidentifier() or keyword.iskeyword(wrong):
-        return scope.suggested if scope is not None else None
+        if scope is None:
+            return None, None
+        return scope.suggested, scope.suggested if scope.main else scope.listed  # (a main frame's: the notebook's to find)
     module = sys.modules.get("__main__")
     names: dict[str, Any] = dict.fromkeys(vars(module) if module is not None else ())
     try:
@@ -1254,37 +1311,83 @@ def home_suggestion(wrong: str | None, scope: NameScope | None) -> str | None:
             probe, arguments = _probe(wrong, scope, names)
             probe(*arguments)
     except NameError as exc:
-        return _suggested(exc)
+        return _suggested_by_both(exc)
     except Exception:  # (a name list Python would not compile: what the worker said)
         logger.debug("no suggestion found for %r", wrong, exc_info=True)
-    return scope.suggested
+    return scope.suggested, scope.suggested
 
 
-def suggestion_globals(wrong: str, scope: NameScope | None) -> dict[str, Any]:
-    """The globals the copy of the last frame of a NameError for ``wrong``, raised in
-    the frame ``scope`` describes, has (see :func:`fake_traceback`): the name serial
-    Python suggests there (:func:`home_suggestion`), with what serial ``%xmode Verbose``
-    shows for it when the failing line uses it too (``return totals + totls``): the
-    frame's own variable (a ``%%parallel`` cell's: a name of its namespace), or a
-    name of another module's frame, as the worker's repr (a :class:`_WorkerValue` that
-    :func:`show_captured_values` fills, else ``<not sent>``); else the notebook's
-    value; a builtin name none (the printer finds it among the builtins); or, where
-    serial Python suggests none, enough names that the copy's own few and the
-    builtins give none either (:data:`NO_SUGGESTION`)."""
-    suggested = home_suggestion(wrong, scope)
+def suggestion_names(wrong: str, scope: NameScope | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The globals, and the variables, the copy of the last frame of a NameError for
+    ``wrong``, raised in the frame ``scope`` describes, has (see :func:`fake_traceback`).
+
+    The globals: the name serial Python suggests there (:func:`home_suggestion`), with
+    what serial ``%xmode Verbose`` shows for it when the failing line uses it too
+    (``return totals + totls``, :func:`_suggested_value`); a builtin name none (the
+    printer finds it among the builtins); or, where serial Python suggests none,
+    enough names that the copy's own few and the builtins give none either
+    (:data:`NO_SUGGESTION`). The variables: none, but on Python 3.12, whose two
+    printers differ (:func:`_suggested_by_both`), where the ``traceback`` module
+    (``traceback.print_exc``, ``logging.exception``) serially suggests a name
+    ``sys.excepthook``'s does not, or none where it does: then
+    :func:`_apart_suggestions` puts each printer's answer where only that printer looks."""
+    suggested, listed = home_suggestions(wrong, scope)
+    if suggested != listed and not (suggested or "").startswith("self.") and not (listed or "").startswith("self."):
+        apart = _apart_suggestions(suggested, listed, scope)
+        if apart is not None:
+            return apart
     if not suggested:
-        return dict.fromkeys(NO_SUGGESTION)
+        return dict.fromkeys(NO_SUGGESTION), {}
     if suggested.startswith("self."):  # (see _with_self_attribute)
-        return {suggested: None}
+        return {suggested: None}, {}
+    value = _suggested_value(suggested, scope)
+    return ({} if value is _BUILTIN else {suggested: value}), {}
+
+
+_BUILTIN = object()
+
+
+def _suggested_value(suggested: str, scope: NameScope | None) -> Any:
+    """What serial ``%xmode Verbose`` shows for ``suggested`` (a name Python suggests)
+    when the failing line uses it too: the frame's own variable (a ``%%parallel`` cell's:
+    a name of its namespace), or a name of another module's frame, as the worker's repr
+    (a :class:`_WorkerValue` that :func:`show_captured_values` fills, else ``<not sent>``);
+    else the notebook's value; a builtin's none (``_BUILTIN``: the printer finds it among
+    the builtins)."""
     if scope is None or suggested in scope.bound:
-        return {suggested: _WorkerValue()}
+        return _WorkerValue()
     module = sys.modules.get("__main__")
     notebook = vars(module) if module is not None and scope.main else {}
     if suggested in notebook:
-        return {suggested: notebook[suggested]}
+        return notebook[suggested]
     if suggested not in scope.varnames and hasattr(builtins, suggested):
-        return {}
-    return {suggested: _WorkerValue()}  # (a variable not bound yet; a global of another module's frame)
+        return _BUILTIN
+    return _WorkerValue()  # (a variable not bound yet; a global of another module's frame)
+
+
+def _apart_suggestions(suggested: str | None, listed: str | None,
+                       scope: NameScope | None) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(globals, variables) of the copy of a NameError's last frame where Python 3.12's
+    printers suggest apart (``suggested``: ``sys.excepthook``'s, ``listed``: the
+    ``traceback`` module's), so that each says there what it says serially: the excepthook's
+    printer checks the code's variable names, the globals and the builtins each on its own
+    (a list of 750 or more skipped), ``traceback`` the frame's bound variables (``f_locals``),
+    globals and builtins joined (none past 750 in all).
+
+    * Only the excepthook's (a variable not bound yet; past 750 names joined): 751 filler
+      globals (``traceback``'s joined list is then too long, the excepthook's skips them)
+      and builtins (``__builtins__``) holding that name alone.
+    * Only ``traceback``'s (a closure's variable): a variable of the frame's ``f_locals``,
+      which the excepthook's printer does not read (it reads the code's variable names).
+    * Both, apart: None (the excepthook's answer for both, as before)."""
+    if suggested and not listed:
+        value = _suggested_value(suggested, scope)
+        value = getattr(builtins, suggested) if value is _BUILTIN else value
+        return {**dict.fromkeys(NO_SUGGESTION), "__builtins__": {suggested: value}}, {}
+    if listed and not suggested:
+        value = _suggested_value(listed, scope)
+        return {}, {listed: getattr(builtins, listed) if value is _BUILTIN else value}
+    return None
 
 
 def _probe(wrong: str, scope: NameScope, names: dict[str, Any]) -> tuple[types.FunctionType, list[Any]]:
@@ -1315,6 +1418,24 @@ def _probe(wrong: str, scope: NameScope, names: dict[str, Any]) -> tuple[types.F
     if scope.self_has and "self" in usable:
         arguments[usable.index("self")] = types.SimpleNamespace(**{wrong: None})
     return types.FunctionType(code, names, code.co_name, None, closure), arguments
+
+
+def _suggested_by_both(exc: NameError) -> tuple[str | None, str | None]:
+    """The name of "Did you mean" for ``exc`` as ``sys.excepthook``'s printer says it
+    (:func:`_suggested`), and as the ``traceback`` module does (``traceback.print_exc``,
+    ``logging.exception``). Only Python 3.12 has both and apart: its excepthook's is C
+    code with rules of its own; 3.13's excepthook prints with ``traceback``, and before
+    3.12 ``traceback`` suggests nothing (the copy's frame then gives it nothing either)."""
+    suggested = _suggested(exc)
+    if sys.version_info[:2] != (3, 12):
+        return suggested, suggested
+    try:
+        text = "".join(traceback.TracebackException(type(exc), exc, exc.__traceback__, compact=True)
+                       .format_exception_only())
+    except Exception:  # (no suggestion rather than no traceback)
+        return suggested, suggested
+    found = re.search(re.escape(str(exc)) + r"\. Did you mean: '(.+)'\?$", text, flags=re.M)
+    return suggested, found.group(1) if found else None
 
 
 def _suggested(exc: NameError) -> str | None:

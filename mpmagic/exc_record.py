@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import payload
+from . import compat, payload
 from .errors import (
     FrameInfo,
     NameScope,
@@ -42,7 +42,7 @@ from .errors import (
     group_class,
     map_cell_frames,
     suggested_name,
-    suggestion_globals,
+    suggestion_names,
 )
 
 logger = logging.getLogger("mpmagic")
@@ -369,7 +369,10 @@ def rebuild(rec: ExcRecord, _memo: dict | None = None) -> BaseException:
     memo[id(rec)] = exc
     if rec.notes is not None:
         _restore(exc, "__notes__", list(rec.notes), rec)
-    _restore(exc, "__traceback__", fake_traceback(map_cell_frames(rec.frames), _last_names(exc, rec)), rec)
+    frames = map_cell_frames(rec.frames)
+    for cell in {mapped.filename for mapped, sent in zip(frames, rec.frames, strict=True) if mapped is not sent}:
+        compat.parse_magic_cell(cell)  # (a rank's frame: IPython reads its failing expression and variables there)
+    _restore(exc, "__traceback__", fake_traceback(frames, *_last_names(exc, rec)), rec)
     if rec.cause is not None:
         _restore(exc, "__cause__", rebuild(rec.cause, memo), rec)
     if rec.context is not None:
@@ -378,15 +381,15 @@ def rebuild(rec: ExcRecord, _memo: dict | None = None) -> BaseException:
     return exc
 
 
-def _last_names(exc: BaseException, rec: ExcRecord) -> dict[str, Any]:
-    """The names, with their values, the copy of the last frame of ``exc``, a
-    NameError, has (see ``errors.fake_traceback``): the one serial Python suggests
-    there, or enough names that Python suggests none, as serially (the copy's own
-    few names and the builtins may hold a near one): ``errors.suggestion_globals``."""
+def _last_names(exc: BaseException, rec: ExcRecord) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The globals and variables, with their values, the copy of the last frame of
+    ``exc``, a NameError, has (see ``errors.fake_traceback``): the one serial Python
+    suggests there, or enough names that Python suggests none, as serially (the copy's
+    own few names and the builtins may hold a near one): ``errors.suggestion_names``."""
     wrong = getattr(exc, "name", None)
     if not isinstance(exc, NameError) or not isinstance(wrong, str):
-        return {}
-    return suggestion_globals(wrong, rec.name_scope)
+        return {}, {}
+    return suggestion_names(wrong, rec.name_scope)
 
 
 def _keep_qualname(cls: type, qualname: str) -> None:

@@ -206,9 +206,17 @@ def call_text(func: Any, star: bool, item: Any) -> str:
     return f"{name}({', '.join(args)})"
 
 
-def rebuild_exception(info: Any, where: str) -> BaseException:
+def rebuild_exception(info: Any, where: str, called: bool = True) -> BaseException:
     """The worker's exception as the same type here, its frames as its traceback,
-    with ``where`` (which item or rank) as a note."""
+    with ``where`` (which item or rank) as a note.
+
+    ``called``: the task's own call raised it (the function called on an item, a
+    rank's code). Without a frame of the user's (a builtin's error, ``abs(1, 2)``; a
+    call with the wrong arguments) it still shows the caller's line, where it leaves
+    the API, as serial ``map``'s shows the line that called it. Else (the function or
+    the cell's names failed to load in the worker, a ``--gather`` check) no call of
+    the user's raised it: it shows alone (:func:`show_without_frames`), not with a
+    line that did not raise it."""
     record = getattr(info, "record", None)
     if record is not None:
         exc = rebuild(record)
@@ -217,7 +225,7 @@ def rebuild_exception(info: Any, where: str) -> BaseException:
         exc.__traceback__ = fake_traceback(info.frames)
     show_captured_values(exc, getattr(info, "context", None))
     add_note(exc, where)
-    if exc.__traceback__ is None:  # none of its frames was the user's
+    if exc.__traceback__ is None and not called:  # none of its frames was the user's
         show_without_frames(exc)
     return exc
 
@@ -1194,7 +1202,7 @@ class MapJob:
         else:
             drop_partial(partial)  # results before the failing item: unlink their segments
         if index < 0:  # the chunk as a whole could not run (function failed to load)
-            exc = rebuild_exception(info, _load_failure_note(info, self.missing_module_advice))
+            exc = rebuild_exception(info, _load_failure_note(info, self.missing_module_advice), called=False)
             idx = unit.start
             if idx not in self._errors:  # (no item's call raised it: %pdebug has nothing to replay)
                 self._infos[idx] = debugging.failure_of(exc, info, outside=LOAD_FAILED)
@@ -1935,7 +1943,8 @@ class CellJob:
 
     def error(self, unit: Unit, index: int, info: Any, partial: bytes, seconds: float) -> None:
         self.outstanding.pop(unit.id, None)
-        self.failures[unit.id] = rebuild_exception(info, f"mpmagic: raised by rank {unit.id} of {self.size}")
+        self.failures[unit.id] = rebuild_exception(info, f"mpmagic: raised by rank {unit.id} of {self.size}",
+                                                   called=index == 0)  # (see `outside` below)
         if index < 0 and (recursed := getattr_recursion_in(self.failures[unit.id])) is not None:
             add_note(self.failures[unit.id], f"mpmagic: {CELL_LOAD_FAILED}: {recursed}")  # (a map's: _load_failure_note)
         if self.lease is not None and _read_only_write(self.failures[unit.id]):

@@ -490,3 +490,33 @@ def test_a_pandas_without_its_option_store_carries_no_options(monkeypatch, caplo
     assert [r.getMessage() for r in caplog.records].count(
         "mpmagic: this pandas keeps its options elsewhere; the notebook's pandas options (pd.set_option) "
         "are not carried to the workers") == 1
+
+
+def test_a_magic_cells_source_parses_past_its_magic_line_and_survives_an_executing_without_its_cache(
+        monkeypatch) -> None:
+    """IPython's tracebacks read a frame's variables from executing's and stack_data's
+    parse of its file: a %%parallel cell's ``%%`` line failed it. The cell's Source gets
+    the tree of its lines with that line a comment; its lines stay as they are, also
+    when IPython has not imported executing yet (it does at its first traceback, which
+    may be the rank's). An executing without that cache: nothing parsed, no error."""
+    import linecache
+
+    import executing
+    import stack_data
+
+    name = "<mpmagic-test-magic-cell>"
+    lines = ["%%parallel -n 2\n", "x = rank * 2\n", "y = 1 / (x - 2)\n"]
+    monkeypatch.setitem(linecache.cache, name, (sum(map(len, lines)), None, lines, name))
+    with monkeypatch.context() as unloaded:
+        for module in ("executing", "stack_data"):  # (imported again: their classes, and caches, are the same)
+            unloaded.delitem(sys.modules, module)
+        assert compat.parse_magic_cell(name) is True
+    for cls in (executing.Source, stack_data.Source):
+        source = cls.for_filename(name)
+        assert source.tree is not None and [type(s).__name__ for s in source.tree.body] == ["Assign", "Assign"]
+        assert source.lines[0] == "%%parallel -n 2" and source.text.startswith("%%parallel")
+    other = "<mpmagic-test-magic-cell-2>"
+    monkeypatch.setitem(linecache.cache, other, (sum(map(len, lines)), None, lines, other))
+    monkeypatch.delattr(executing.Source, "_for_filename_and_lines")
+    assert compat.parse_magic_cell(other) is False
+    assert compat.report()["executing.Source._for_filename_and_lines"] is False

@@ -9,6 +9,8 @@ notebook; the text checked is what IPython displays (captured output).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import sys
@@ -399,6 +401,26 @@ def test_a_function_that_cannot_load_in_a_worker_shows_no_frame_of_ours(ip, loca
         sys.modules.pop("made_after_the_pool_started", None)
 
 
+@pytest.mark.parametrize("call", ["abs, [1], [2]", "len, [1, 2]", "one, [1], [2]"])
+def test_an_error_with_no_frame_of_the_task_shows_the_calling_line_as_serially(ip, local_pool, call):
+    """A builtin's error (``abs()`` of two arguments, ``len(1)``) or a call with the
+    wrong arguments raises before any frame of the task's: serially IPython shows the
+    cell's line that called the map, then the error. A task's showed the error alone,
+    as an error of ours that no call of the function raised (its load failing in the
+    worker) does. Now its calling line, in the API and in the magic (whose line IPython
+    shows as its call, ``get_ipython().run_line_magic(...)``, as for any task's error)."""
+    defined(ip, "import mpmagic\ndef one(x):\n    return x\n")
+    _as_serial(ip, call, ("Plain", "Context", "Verbose"))
+    n, serial, _ = shown(ip, f"list(map({call}))")
+    m, parallel, err = shown(ip, f"%pmap -q {call}")
+    assert isinstance(err, TypeError) and "mpmagic: raised by item 0 of the input" in parallel, parallel
+    assert "_render_traceback_" not in vars(err)  # (its vars as serially)
+    assert_clean(parallel)
+    assert parallel.replace(f"Cell In[{m}]", f"Cell In[{n}]").replace(
+        f"get_ipython().run_line_magic('pmap', '-q {call}')", f"list(map({call}))").startswith(serial.rstrip("\n")), \
+        (parallel, serial)
+
+
 # --------------------------------------------------------------------------
 # A real kernel: ipykernel names cells /tmp/ipykernel_NNN/NNN.py
 
@@ -744,6 +766,53 @@ def test_a_parallel_cells_name_error_suggests_what_serial_python_suggests(ip, lo
     assert said == [said[0]] * 2, said
 
 
+def _said_by_both(ip, calls: list[str]) -> list[tuple[str, str]]:
+    """The NameError line of each call's error (a %%parallel cell's: its rank 0's) as
+    ``sys.excepthook``'s printer (a script's) and as the ``traceback`` module
+    (``traceback.print_exc``, ``logging.exception``) print it: on Python 3.12 their rules differ."""
+    said = []
+    for call in calls:
+        _, text, exc = shown(ip, call)
+        exc = exc.failures[0] if isinstance(exc, mpmagic.ParallelError) else exc
+        assert isinstance(exc, NameError), text
+        printed = io.StringIO()
+        with contextlib.redirect_stderr(printed):
+            sys.__excepthook__(type(exc), exc, exc.__traceback__)
+        hook = [line for line in printed.getvalue().splitlines() if line.startswith("NameError")]
+        listed = [line for line in "".join(traceback.format_exception(exc)).splitlines() if line.startswith("NameError")]
+        said.append((hook[-1], listed[-1]))
+    return said
+
+
+@pytest.mark.parametrize("code, cell", [
+    ("def typo(x):\n    if x > 5:\n        total = 1\n    return totl + x\n", False),  # a local not bound yet
+    ("def _make():\n    total = 1\n    def typo(x):\n        return (total, totl)\n    return typo\n"
+     "typo = _make()\n", False),  # a closure's variable
+    ("def typo(x):\n    total = 1\n    return totl + x\n", False),  # a bound local, past 750 globals
+    ("def typo(x):\n    return lenn(x)\n", False),  # a builtin, past 750 globals
+    ("", True),  # a %%parallel cell's own name among 400 globals (the traceback module counts them twice)
+])
+def test_each_printer_suggests_for_a_tasks_name_error_what_it_suggests_serially(ip, local_pool, few_globals,
+                                                                                 code, cell):
+    """Python 3.12's two printers of "Did you mean" differ even serially: ``sys.excepthook``'s
+    checks the code's variables (bound or not), the globals and the builtins each on its
+    own (a list of 750 names or more skipped); the ``traceback`` module's
+    (``traceback.print_exc``, ``logging.exception``) the bound variables, closure ones too, globals and
+    builtins joined (none past 750 in all). A task's copy followed the excepthook's
+    answer for both: ``traceback`` suggested 'total' for a local not bound yet, and none
+    for a closure's variable, where serially the reverse. Each says what it says serially."""
+    if cell:
+        _many_globals(few_globals, 400)
+        calls = ["%%parallel -n 1 -q\ncell_total = 1\ncell_totl + rank", "rank = 0\ncell_total = 1\ncell_totl + rank"]
+    else:
+        if "lenn" in code or "total = 1\n    return" in code:
+            _many_globals(few_globals)
+        defined(ip, code)
+        calls = ["typo(1)", "%pmap -q typo, [1]"]
+    said = _said_by_both(ip, calls)
+    assert said[1] == said[0], said
+
+
 @pytest.mark.parametrize("kind", ["forkserver", "spawn"])
 @pytest.mark.parametrize("code", [
     "totals = 5\ndef typo(x):\n    return totals + totls\n",  # the notebook's global
@@ -831,6 +900,57 @@ def test_verbose_shows_each_frames_arguments_as_serially(ip, kind, request):
         parallel, err = _verbose(ip, code)
         assert type(err) is type(serial_err) is ZeroDivisionError
         assert parallel == serial, (code, serial, parallel)
+
+
+def _variables(text: str) -> list[str]:
+    """The ``name = value`` lines ``%xmode Verbose`` lists under a frame's failing line
+    (not an expression's, ``x - 2 = 0``: the worker sends reprs, not values)."""
+    return re.findall(r"^ {8}[A-Za-z_]\w* = .*$", text, flags=re.M)
+
+
+def test_verbose_lists_the_raising_frames_own_variables_as_serially(ip, local_pool):
+    """Under ``%xmode Verbose`` IPython lists the variables of a frame's failing line
+    with their values: serially ``x = 2`` under ``y = 1 / (x - 2)``. A rank's frame
+    (a %%parallel cell's own code) listed none, and a task's only its arguments: the
+    notebook's copy of the raising frame had no other variable. The worker's reprs of
+    that frame's variables (``debugging.failure_context``) are the copy's now: the
+    rank's and the task's values, never the notebook's ``x``."""
+    defined(ip, "import mpmagic\ndef doubled(v):\n    x = v * 2\n    return 1 / (x - 2)\n")
+    ip.user_ns["x"] = 100
+    serial = _as_serial(ip, "doubled, [1]", ("Verbose",))["Verbose"]
+    assert _variables(serial) == ["        x = 2"], serial
+    ip.run_line_magic("xmode", "Verbose")
+    try:
+        _, serial, _ = shown(ip, "rank = 1\nx = rank * 2\ny = 1 / (x - 2)")
+        ip.user_ns["x"] = 100
+        _, parallel, err = shown(ip, "%%parallel -n 2 -q\nx = rank * 2\ny = 1 / (x - 2)")
+    finally:
+        ip.run_line_magic("xmode", "Context")
+        for name in ("x", "rank"):
+            ip.user_ns.pop(name, None)
+    assert isinstance(err, mpmagic.ParallelError) and list(err.failures) == [1], parallel
+    rank_1 = "\n".join(line.removeprefix("[rank 1] ") for line in parallel.splitlines() if line.startswith("[rank 1]"))
+    assert _variables(rank_1) == _variables(serial) == ["        x = 2"], (rank_1, serial)
+
+
+def test_verbose_lists_the_failing_lines_variables_of_a_frame_with_many(ip, local_pool):
+    """The worker sends the reprs of 20 of the raising frame's variables (``debugging.MAX_LOCALS``):
+    the first 20, which for a rank were the notebook's names the cell reads, never the
+    ``x`` of its failing line. Those of the failing line go first."""
+    names = [f"given_{i}" for i in range(25)]
+    ip.user_ns.update(dict.fromkeys(names, 0))
+    cell = f"total = {' + '.join(names)}\nx = rank * 2\ny = 1 / (x - total)"
+    try:
+        ip.run_line_magic("xmode", "Verbose")
+        _, serial, _ = shown(ip, f"rank = 0\n{cell}")
+        _, text, err = shown(ip, f"%%parallel -n 1 -q\n{cell}")
+    finally:
+        ip.run_line_magic("xmode", "Context")
+        for name in [*names, "rank", "total", "x"]:
+            ip.user_ns.pop(name, None)
+    assert isinstance(err, mpmagic.ParallelError), text
+    assert _variables(text.replace("[rank 0] ", "")) == _variables(serial) == ["        total = 0", "        x = 0"], \
+        (text, serial)
 
 
 def test_verbose_arguments_whose_repr_fails_or_hangs_do_not_stop_the_error(ip, local_pool):
