@@ -38,7 +38,11 @@ column order, same dtypes.
   in one line.
 * ``raw=True`` over columns: pandas hands ``func`` the columns of ``df.values``
   (the whole frame's common dtype), so the pieces are cut from that array, not
-  from the frame (whose pieces have their own dtypes).
+  from the frame (whose pieces have their own dtypes). numpy shapes pandas'
+  raw result after the first value: a piece's pandas call is only the way its
+  values reach ``func`` (``_raw_calls``), the whole's assembles them.
+* ``result_type="broadcast"`` over repeated row (or column) labels runs here:
+  pandas hands ``func`` every row of such a label at once, which no piece holds.
 
 Registered only when pandas is imported (``mpmagic`` never imports pandas
 itself): at ``import mpmagic`` or ``%load_ext mpmagic`` if pandas is already
@@ -124,6 +128,7 @@ def _record(piece: pd.DataFrame | pd.Series, method: str, options: dict, func: C
     __tracebackhide__ = True  # (ours: a task's traceback starts at pandas' call, as serially)
     values: list = []
     stand_in = _broadcast_stand_in(piece, options)
+    raw = _raw_calls(piece, options)
 
     def recorder(x: Any) -> Any:
         __tracebackhide__ = True
@@ -135,11 +140,36 @@ def _record(piece: pd.DataFrame | pd.Series, method: str, options: dict, func: C
         if isinstance(value, pd.Series):
             value = value.copy(deep=False)  # as pandas does: the row it passes may be reused for the next one
         values.append(value)
+        if raw is not None:  # (numpy stores each value in an array shaped after the piece's first)
+            return values[0]
         return value if stand_in is None else stand_in
 
     with worker_logging.naming_items(lambda: _nth(piece, options, len(values))):  # ([row 'r57'], not [item 4])
-        getattr(piece, method)(recorder, **options)
+        try:
+            getattr(piece, method)(recorder, **options)
+        except Exception as exc:
+            if raw is None or len(values) != raw or _row_note(exc) is not None:
+                raise
+            # (pandas could not make a frame of the piece's values, a 2-D one: the whole's decides, at home)
     return _pack(values)
+
+
+def _raw_calls(piece: pd.DataFrame | pd.Series, options: dict) -> int | None:
+    """How many rows or columns pandas' ``raw=True`` apply on ``piece`` hands ``func``; None: not such a call.
+
+    pandas runs ``np.apply_along_axis``, which stores every value in one array
+    shaped and typed after the first: the whole frame's first, which a piece's
+    first is not. A value of another shape than the piece's first (a
+    ``c[:1]`` that the whole's broadcasts into its first's) failed in the
+    worker where pandas' call on the whole succeeds; so the worker's call is
+    given the piece's first value again for each (:func:`_record`), and once
+    ``func`` has had every row or column, the piece's own assembly is thrown
+    away, failing or not: home assembles the whole from the values recorded,
+    as pandas does, and raises pandas' own error, with the whole's shapes.
+    """
+    if not isinstance(piece, pd.DataFrame) or not options.get("raw") or options.get("result_type") == "broadcast":
+        return None
+    return piece.shape[1] if options.get("axis", 0) in (0, "index") else piece.shape[0]
 
 
 def _broadcast_stand_in(piece: pd.DataFrame | pd.Series, options: dict) -> Any:
@@ -614,6 +644,22 @@ def _vectorized_why(func: Any) -> str:
     return f"a {type(func).__name__}, which is no function pandas calls per row"
 
 
+def _broadcast_why(df: pd.DataFrame, by_rows: bool, result_type: Any) -> str | None:
+    """Why ``df.apply(func, result_type="broadcast")`` runs here: labels along its axis that repeat. None: it need not.
+
+    pandas' broadcast hands ``func`` ``target[label]``, for each position:
+    for a label that two rows (or columns) share, both at once, as a frame.
+    A piece holding one of them would hand it alone, so ``func`` saw other
+    values, and the result differed silently.
+    """
+    labels = df.index if by_rows else df.columns
+    if result_type != "broadcast" or labels.is_unique:
+        return None
+    what = "row" if by_rows else "column"
+    return (f"result_type='broadcast' over duplicate {what} labels: pandas hands func every {what} "
+            "of a label at once")
+
+
 def _distinct_why(s: pd.Series) -> str:
     kind = "categorical" if isinstance(s.dtype, pd.CategoricalDtype) else "sparse"
     what = "each category once" if kind == "categorical" else "its fill value once, then the stored values"
@@ -743,7 +789,7 @@ class FrameAccessor:
         extra, kwargs, home = _split_options(pd.DataFrame.apply, kwargs, ("axis", "raw", "result_type", "args"),
                                              per_piece=("by_row",))
         why = ("an empty frame" if n == 0 or df.size == 0 else _vectorized_why(func) if _vectorized(func)
-               else _options_why(extra, ("by_row",)) if home else None)
+               else _options_why(extra, ("by_row",)) if home else _broadcast_why(df, by_rows, result_type))
         if why is not None:
             return _at_home("df.mp.apply", why, compare, quiet, functools.partial(
                 df.apply, func, axis=axis, raw=raw, result_type=result_type, args=args, **extra, **kwargs))

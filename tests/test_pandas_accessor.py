@@ -587,6 +587,37 @@ def test_broadcast_raises_pandas_own_error_once_all_columns_are_in(ip, frame) ->
         run(ip, "mixed['int_str'].mp.apply(col_wrong_length, result_type='broadcast', quiet=True)")
 
 
+def test_broadcast_over_duplicate_labels_hands_func_every_row_or_column_of_the_label_as_pandas_does(ip, frame) -> None:
+    """pandas' broadcast hands ``func`` ``target[label]``: for a label two rows (or columns) share, both
+    at once, as a frame. Pieces cut between them handed each alone: other values, silently (the sum of
+    one row where pandas broadcasts the sum of both), or a result where pandas raises."""
+    run(ip, "twice = pd.DataFrame({'a': [1, 2, 3], 'b': [4.0, 5.0, 6.0]}, index=['x', 'x', 'y'])\n"
+            "def row_total_of(r):\n    return r.sum()\n")
+    for chunks in (1, 2, 3):
+        assert_as_pandas(ip, f"twice.mp.apply(row_total_of, axis=1, result_type='broadcast', chunks={chunks}, "
+                         "quiet=True)", "twice.apply(row_total_of, axis=1, result_type='broadcast')")
+        assert_as_pandas(ip, f"twice.T.mp.apply(row_total_of, result_type='broadcast', chunks={chunks}, quiet=True)",
+                         "twice.T.apply(row_total_of, result_type='broadcast')")
+        assert_as_pandas(ip, f"twice.T.mp.apply(lambda c: c.iloc[0], result_type='broadcast', chunks={chunks}, "
+                         "quiet=True)", "twice.T.apply(lambda c: c.iloc[0], result_type='broadcast')")
+
+
+def test_raw_values_of_other_shapes_than_the_pieces_first_are_assembled_as_pandas_does(ip, frame) -> None:
+    """``raw=True``: numpy stores every value in an array shaped after the *first* value's, the whole
+    frame's first. A piece's own first one was another: a later column's value of another shape (one
+    pandas broadcasts into the first's) failed in the worker where pandas succeeds, and a value pandas
+    cannot put in a frame failed there with the piece's shapes in the message, not the whole's."""
+    run(ip, "quad = pd.DataFrame(np.arange(8.0).reshape(2, 4), columns=list('abcd'))\n"
+            "def head_after_b(c):\n    return c if c[0] < 2 else c[:1]\n")
+    for chunks in (2, 3, 4):
+        assert_as_pandas(ip, f"quad.mp.apply(head_after_b, raw=True, chunks={chunks}, quiet=True)",
+                         "quad.apply(head_after_b, raw=True)")
+        assert_as_pandas(ip, f"quad.mp.apply(lambda c: np.ones((1, 1)), raw=True, chunks={chunks}, quiet=True)",
+                         "quad.apply(lambda c: np.ones((1, 1)), raw=True)")
+        assert_as_pandas(ip, f"quad.mp.apply(lambda r: r[:2], axis=1, raw=True, chunks={chunks}, quiet=True)",
+                         "quad.apply(lambda r: r[:2], axis=1, raw=True)")
+
+
 @pytest.mark.parametrize(("call", "why"), [
     ("df['x'].mp.map({1: 'a'}, compare=True)", "a mapping"),
     ("df['y'].mp.apply(np.sqrt, compare=True)", "a NumPy ufunc"),
