@@ -118,12 +118,15 @@ class _ChargedToCaller:
 # What runs in the workers (module functions: pickled by name, never by value)
 
 
-def _record(piece: pd.DataFrame | pd.Series, method: str, options: dict, func: Callable) -> Any:
+def _record(piece: pd.DataFrame | pd.Series, method: str, options: dict, func: Callable,
+            repeated: bool = False) -> Any:
     """What ``func`` returns for each call pandas' own ``piece.<method>(func, **options)`` makes, in order.
 
     pandas hands ``func`` the rows, columns or values (boxed as Timestamps,
     skipping NaN under ``na_action='ignore'``...) as it would for the whole
     frame; only the assembly of the results waits for home, where it sees them all.
+    ``repeated``: the whole's labels repeat, so the note naming the row ``func``
+    raised on also gives its position (in the piece: home makes it the whole's, :func:`_placed`).
     """
     __tracebackhide__ = True  # (ours: a task's traceback starts at pandas' call, as serially)
     values: list = []
@@ -135,7 +138,7 @@ def _record(piece: pd.DataFrame | pd.Series, method: str, options: dict, func: C
         try:
             value = func(x)
         except BaseException as exc:
-            _note(exc, _which(piece, options, x, len(values)))
+            _note(exc, _which(piece, options, x, len(values), repeated))
             raise
         if isinstance(value, pd.Series):
             value = value.copy(deep=False)  # as pandas does: the row it passes may be reused for the next one
@@ -279,9 +282,49 @@ def _note(exc: BaseException, what: str) -> None:
         add_note(exc, f"{_RAISED_BY}{what}")  # (never raising: func's own error stays)
 
 
-def _which(piece: pd.DataFrame | pd.Series, options: dict, x: Any, k: int) -> str:
-    """The row, column or value ``x``, the ``k``-th that pandas' call on ``piece`` handed ``func``, by its label."""
-    return _nth(piece, options, k, x) or f"the value {_label(x)}"
+def _which(piece: pd.DataFrame | pd.Series, options: dict, x: Any, k: int, repeated: bool = False) -> str:
+    """The row, column or value ``x``, the ``k``-th that pandas' call on ``piece`` handed ``func``, by its label
+    (and, where labels repeat, its position in ``piece``: "row 1 (position 3)", which home makes the whole's)."""
+    what = _nth(piece, options, k, x)
+    if not what:
+        return f"the value {_label(x)}"
+    if repeated:
+        if isinstance(piece, pd.Series) and options.get("na_action") == "ignore":  # (k counts the values given)
+            k = int(np.flatnonzero(piece.notna().to_numpy())[k])
+        what += f" (position {k})"
+    return what
+
+
+#: How a note names the position of a row whose label repeats (:func:`_which`, :func:`_placed`).
+_POSITION = re.compile(r" \(position (\d+)\)\Z")
+_ITEM = re.compile(r"mpmagic: raised by item (\d+) of the input")
+
+
+def _placed(exc: BaseException, spans: list[tuple[int, int]]) -> None:
+    """The position in the note on ``exc`` (or its cause) made the whole's: the worker counted from its piece's start.
+
+    A frame whose labels repeat (two rows labelled 1) had its failing row named
+    by its label alone, "raised by row 1": which of them the user could not tell.
+    The pool's note names the piece ("raised by item N"), whose start is ``spans[N][0]``.
+    """
+    notes = getattr(exc, "__notes__", None)
+    item = next((m for n in notes or () if isinstance(n, str) and (m := _ITEM.match(n))), None)
+    if item is None or int(item[1]) >= len(spans):
+        return
+    start = spans[int(item[1])][0]
+    for holder in (exc, exc.__cause__):
+        note = _row_note(holder)
+        if note is None or (found := _POSITION.search(note)) is None:
+            continue
+        whole = note[:found.start()] + f" (position {start + int(found[1])})"
+        notes = holder.__notes__  # type: ignore[union-attr]
+        fixed = [whole if n == note else n for n in notes]
+        BaseException.__setattr__(holder, "__notes__", fixed if isinstance(notes, list) else tuple(fixed))
+        attributes = getattr(holder, "__dict__", {})
+        for render in (attributes.get("_render_traceback_"), attributes.get("_render_without_frames")):
+            if isinstance(getattr(render, "lines", None), list):  # (Python < 3.11 shows notes through it)
+                render.lines = [whole if line == note else line for line in render.lines]  # type: ignore[union-attr]
+        return
 
 
 def _nth(piece: pd.DataFrame | pd.Series, options: dict, k: int, x: Any = None) -> str:
@@ -403,6 +446,7 @@ def _run(call: str, func: Callable, items: list, spans: list[tuple[int, int]], w
     try:
         results = api.pmap(func, items, workers=workers, chunksize=1)
     except BaseException as exc:
+        _placed(exc, spans)
         stop = _functions_stop(exc)
         if stop is not None:
             raise stop from None
@@ -803,7 +847,8 @@ class FrameAccessor:
             items = [df.iloc[:, a:b] for a, b in spans]
         bound = _bind(func, args, kwargs)
         options = {"axis": axis, "raw": raw, "result_type": result_type, **extra}
-        task = functools.partial(_record, method="apply", options=options, func=bound)
+        repeated = not (df.index if by_rows else df.columns).is_unique
+        task = functools.partial(_record, method="apply", options=options, func=bound, repeated=repeated)
         parts, report = _run("df.mp.apply", task, items, spans, workers, "rows" if by_rows else "columns", chunks)
         result = _assemble_frame(df, _unpack(parts), options, bound)
         serial = functools.partial(df.apply, func, axis=axis, raw=raw, result_type=result_type, args=args,
@@ -872,7 +917,7 @@ class SeriesAccessor:
         pieces = chunks or _workers(workers) * CHUNKS_PER_WORKER
         spans = _bounds(len(s), pieces)
         items = [s.iloc[a:b] for a, b in spans]
-        task = functools.partial(_record, method=method, options=options, func=func)
+        task = functools.partial(_record, method=method, options=options, func=func, repeated=not s.index.is_unique)
         parts, report = _run(f"series.mp.{method}", task, items, spans, workers, "rows", chunks)
         result = _replay(s, method, options, _unpack(parts), func)
         _report(report, started, result, quiet, serial)

@@ -274,6 +274,25 @@ def test_a_failure_names_the_row_or_group_not_the_piece(ip, frame) -> None:
     assert group.value.__notes__ == ["mpmagic: raised by group 2"]
 
 
+def test_a_failure_on_a_label_that_repeats_names_the_rows_position_too(ip, frame) -> None:
+    """Two rows labelled 1: "raised by row 1" did not say which. The position (``iloc``) is the
+    whole's, also where the piece starts further on and where ``na_action='ignore'`` skips values."""
+    run(ip, "twice = pd.DataFrame({'a': [1, 2, 3, 4, 5, 6], 'b': [np.nan, 1.0, np.nan, 0.0, 2.0, 3.0]},\n"
+            "                     index=[3, 3, 1, 1, 2, 2])")
+    cases = [("twice.mp.apply(lambda r: 1 // int(r['a'] - 4), axis=1, chunks={}, quiet=True)", "row 1 (position 3)"),
+             ("twice['a'].mp.map(lambda v: 1 / (v - 6), chunks={}, quiet=True)", "row 2 (position 5)"),
+             ("twice['b'].mp.map(lambda v: 1 / v, na_action='ignore', chunks={}, quiet=True)", "row 1 (position 3)"),
+             ("twice.T.mp.apply(lambda c: 1 // int(c['a'] - 2), chunks={}, quiet=True)", "column 3 (position 1)")]
+    for code, row in cases:
+        for chunks in (1, 2, 4):
+            with pytest.raises(ZeroDivisionError) as info:
+                run(ip, code.format(chunks))
+            assert info.value.__notes__ == [f"mpmagic: raised by {row}"], (code, chunks)
+    with pytest.raises(ZeroDivisionError) as info:  # (unique labels: the label says it all)
+        run(ip, "df.mp.apply(row_fails, axis=1, chunks=5, quiet=True)")
+    assert info.value.__notes__ == ["mpmagic: raised by row ('a', 3)"]
+
+
 @pytest.mark.parametrize("code", ["df['x'].mp.map(lambda v: 1 / (v - 3), quiet=True)",
                                   "df['x'].mp.apply(lambda v, k: 1 / (v - k), args=(3,), quiet=True)",
                                   "df.mp.apply(row_fails, axis=1, quiet=True)",
