@@ -70,6 +70,7 @@ from pandas.core.groupby import DataFrameGroupBy, SeriesGroupBy
 from . import worker_logging
 from .checks import check_whole
 from .errors import UsageError, add_note
+from .fmt import noun
 
 log = logging.getLogger("mpmagic")
 
@@ -460,7 +461,8 @@ def _run(call: str, func: Callable, items: list, spans: list[tuple[int, int]], w
         report.items = count
         report.caller = call
         report.extra["accessor"] = {"unit": what, "chunks": chunks, "per_worker": CHUNKS_PER_WORKER}
-        per_piece = f"~{math.ceil(count / max(1, len(items)))} {what}"
+        size = math.ceil(count / max(1, len(items)))
+        per_piece = f"~{size} {noun(what, size)}"
         report.chunksize = per_piece if chunks is not None else f"auto ({per_piece})"
         report.slowest_where = _piece_text(report.slowest_where, spans, what)
     return results, report

@@ -503,9 +503,10 @@ def test_the_chunk_size_cell_says_rows_or_groups_per_chunk(ip, frame) -> None:
     run(ip, "df['x'].mp.map(abs, quiet=True)")
     cell = dict(mpmagic.last_report().rows())["chunk size"]
     assert re.fullmatch(r"auto: ~\d+ rows per chunk, \d+ chunks?", cell), cell
-    run(ip, "df.groupby('key').mp.apply(len, quiet=True)")
-    cell = dict(mpmagic.last_report().rows())["chunk size"]
-    assert re.fullmatch(r"auto: ~\d+ groups per chunk, \d+ chunks?", cell), cell
+    run(ip, "df.groupby('key').mp.apply(len, quiet=True)")  # (4 groups in 4 pieces: it read "~1 groups per chunk")
+    assert dict(mpmagic.last_report().rows())["chunk size"] == "auto: ~1 group per chunk, 4 chunks"
+    run(ip, "df.groupby('key').mp.apply(len, chunks=2, quiet=True)")
+    assert dict(mpmagic.last_report().rows())["chunk size"] == "~2 groups per chunk, 2 chunks"
 
 
 @pytest.mark.parametrize("chunks", [0, -1, 2.5, "x", True])
@@ -750,9 +751,12 @@ def test_the_accessors_advice_names_its_chunks_option_not_chunksize() -> None:
                               extra={"accessor": {"unit": "rows", "chunks": None, "per_worker": 4}})
     assert lonely.advice.startswith("only 1 row for 2 workers"), lonely.advice
     assert "use workers=1 or split the work into more rows" in lonely.advice, lonely.advice
+    single = _accessor_report(items=6, chunks=6, chunksize="~1 row", wall=0.0042, task_seconds=0.000446,
+                              extra={"accessor": {"unit": "rows", "chunks": 6, "per_worker": 4}})
+    assert "each row computes in ~74 µs, a piece of 1 row in ~74 µs," in single.advice, single.advice  # (1 rows)
     differ = _accessor_report(equal=False, serial=0.1)
     assert "unless the function seeds its own generator from what it is given" in differ.advice, differ.advice
-    for report in (small, few, slow, quick, lonely, differ):
+    for report in (small, few, slow, quick, lonely, single, differ):
         assert "--chunksize" not in report.advice and "-n " not in report.advice and "--seed" not in report.advice
         assert report.line().startswith("series.mp.map: ")
 
