@@ -32,8 +32,8 @@ column order, same dtypes.
 * Empty inputs, categorical and sparse Series (pandas maps their few
   categories, or their fill value once, not each value), and a function given
   as a string, a NumPy ufunc or a list or dict of functions (pandas runs those
-  as vectorized calls on the whole column, not once per value) run pandas'
-  call here: nothing to gain from workers. No run, so no report
+  as vectorized calls on the whole column, not once per value; a GroupBy's
+  ``apply("sum")`` is its ``sum()``) run pandas' call here: nothing to gain from workers. No run, so no report
   (``last_report()`` is None, not an earlier run's); ``compare=True`` says so
   in one line.
 * ``raw=True`` over columns: pandas hands ``func`` the columns of ``df.values``
@@ -972,12 +972,16 @@ class GroupByAccessor:
         ``workers``, ``chunks``, ``quiet``, ``compare``: as for ``df.mp.apply``.
 
         pandas' own options (``include_groups``) are passed to pandas' apply, in
-        the workers and here, never to ``func``.
+        the workers and here, never to ``func``. A function given by name
+        (``"sum"``) is the GroupBy's own method, which pandas' call runs here.
         """
         __tracebackhide__ = True
         started = time.perf_counter()
         chunks = _own_options("groupby(...).mp.apply", func, workers, chunks, quiet, compare)
         gb = self._gb
+        if isinstance(func, str):  # (pandas calls the GroupBy's own method, gb.sum(): one vectorized call)
+            return _at_home("groupby(...).mp.apply", _vectorized_why(func), compare, quiet,
+                            functools.partial(gb.apply, func, *args, **kwargs))
         spec = self._spec()
         extra, kwargs, home = _split_options(type(gb).apply, kwargs, per_piece=("include_groups",))
         indices = gb.indices  # group name -> positions in gb.obj
