@@ -979,8 +979,11 @@ class GroupByAccessor:
         started = time.perf_counter()
         chunks = _own_options("groupby(...).mp.apply", func, workers, chunks, quiet, compare)
         gb = self._gb
-        if isinstance(func, str):  # (pandas calls the GroupBy's own method, gb.sum(): one vectorized call)
-            return _at_home("groupby(...).mp.apply", _vectorized_why(func), compare, quiet,
+        if isinstance(func, str) or not callable(func):  # (a name: pandas calls gb.sum(), one vectorized
+            # call; anything else not callable: pandas' own error, not one a worker's call of it raises per group)
+            why = (_vectorized_why(func) if isinstance(func, str)
+                   else f"a {type(func).__name__}, which is no function pandas calls per group")
+            return _at_home("groupby(...).mp.apply", why, compare, quiet,
                             functools.partial(gb.apply, func, *args, **kwargs))
         spec = self._spec()
         extra, kwargs, home = _split_options(type(gb).apply, kwargs, per_piece=("include_groups",))

@@ -383,10 +383,12 @@ def test_series_and_frame_apply_by_name_or_ufunc_is_pandas_own_call(ip, frame, f
     assert_same(run(ip, f"df[['x', 'y']].mp.apply({func})"), run(ip, f"df[['x', 'y']].apply({func})"))
 
 
-@pytest.mark.parametrize("func", ["'sum'", "'size'", "'head'", "'describe'", "'nope'", "'ngroups'"])
+@pytest.mark.parametrize("func", ["'sum'", "'size'", "'head'", "'describe'", "'nope'", "'ngroups'", "['sum'], 1",
+                                  "None, k=1"])
 def test_groupby_apply_by_name_is_pandas_own_method(ip, frame, func) -> None:
     """``gb.apply("sum")`` is ``gb.sum()``, one vectorized call (pandas looks the name up on the
-    GroupBy). The workers called the string on each group: "'str' object is not callable"."""
+    GroupBy). The workers called the string on each group: "'str' object is not callable". Nor
+    did anything else not callable raise pandas' own error ("func must be a callable if args ...")."""
     for grouped in ("df[['x', 'y', 'key']].groupby('key')", "df.set_index('key')['x'].groupby(level=0)"):
         if func == "'ngroups'":  # (a property: its value, 4)
             assert run(ip, f"{grouped}.mp.apply({func}, quiet=True)") == run(ip, f"{grouped}.apply({func})") == 4
