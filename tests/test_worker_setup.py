@@ -445,6 +445,23 @@ def test_a_setup_error_without_a_message_or_without_a_str_is_one_line_as_python_
     assert not hasattr(builtins, "E")
 
 
+def test_on_worker_start_refuses_a_function_whose_call_runs_nothing(ip):
+    """An ``async def`` (or a generator function) given to on_worker_start: each worker's call only
+    made a coroutine, never run ("RuntimeWarning: coroutine 'init' was never awaited", charged to
+    mpmagic's context.py), the setup was reported done, and the tasks' names were missing."""
+    run(ip, "import functools\nasync def init_async(path):\n    return {'MODEL': path}\n"
+            "def init_gen():\n    yield {'MODEL': 1}\n")
+    for call, name, kind in (("functools.partial(init_async, 'm.bin')", "init_async", "an async function"),
+                             ("init_gen", "init_gen", "a generator function")):
+        before = worker_setup.version()
+        with pytest.raises(UsageError) as info:
+            run(ip, f"mpmagic.on_worker_start({call})")
+        text = str(info.value)
+        assert text.startswith(f"on_worker_start: {name} is {kind}: "), text
+        assert "runs nothing" in text and "\n" not in text, text
+        assert worker_setup.version() == before and not worker_setup.has_setup()  # (nothing sent or set)
+
+
 def test_on_worker_start_dict_with_a_builtin_name_fails_in_one_line(ip, local_pool):
     run(ip, "def _start():\n    return {'list': ['cat', 'dog'], 'TOKEN': 1}")
     with pytest.raises(mpmagic.MPMagicError, match=r"^setup refused on worker \d+: it defines `list`") as info:
