@@ -57,7 +57,7 @@ from __future__ import annotations
 from typing import Any
 
 # (all up front, as report.py imports this module: a notebook out of file descriptors cannot import)
-from .fmt import fmt_bytes, fmt_seconds, imports_text
+from .fmt import fmt_bytes, fmt_seconds, imports_text, noun
 from .threads import cap_for, configured, threads_per_worker
 from .waits import TAKEOVER
 from .waits import names as helper_names
@@ -476,7 +476,8 @@ def _chunk_words(report: Any, fixed: bool) -> str:
     average = report.items_run / report.chunks
     mean = f"{average:.0f}" if average.is_integer() else f"{average:.1f}"
     if _accessor(report):  # (pieces of rows: "~100 rows" is no size the user gave)
-        return f"a piece of {mean} {report.item_noun}" + ("" if average.is_integer() else " on average")
+        return (f"a piece of {mean} {noun(report.item_noun, 1 if mean == '1' else None)}"
+                + ("" if average.is_integer() else " on average"))
     largest = str(report.chunksize).rsplit("-", 1)[-1]  # ("5-40": chunks of 5 to 40 items went)
     if fixed and largest != mean:
         return f"a chunk of up to {largest} ({mean} on average)"

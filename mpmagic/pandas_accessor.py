@@ -32,13 +32,17 @@ column order, same dtypes.
 * Empty inputs, categorical and sparse Series (pandas maps their few
   categories, or their fill value once, not each value), and a function given
   as a string, a NumPy ufunc or a list or dict of functions (pandas runs those
-  as vectorized calls on the whole column, not once per value) run pandas'
-  call here: nothing to gain from workers. No run, so no report
+  as vectorized calls on the whole column, not once per value; a GroupBy's
+  ``apply("sum")`` is its ``sum()``) run pandas' call here: nothing to gain from workers. No run, so no report
   (``last_report()`` is None, not an earlier run's); ``compare=True`` says so
   in one line.
 * ``raw=True`` over columns: pandas hands ``func`` the columns of ``df.values``
   (the whole frame's common dtype), so the pieces are cut from that array, not
-  from the frame (whose pieces have their own dtypes).
+  from the frame (whose pieces have their own dtypes). numpy shapes pandas'
+  raw result after the first value: a piece's pandas call is only the way its
+  values reach ``func`` (``_raw_calls``), the whole's assembles them.
+* ``result_type="broadcast"`` over repeated row (or column) labels runs here:
+  pandas hands ``func`` every row of such a label at once, which no piece holds.
 
 Registered only when pandas is imported (``mpmagic`` never imports pandas
 itself): at ``import mpmagic`` or ``%load_ext mpmagic`` if pandas is already
@@ -66,6 +70,7 @@ from pandas.core.groupby import DataFrameGroupBy, SeriesGroupBy
 from . import worker_logging
 from .checks import check_whole
 from .errors import UsageError, add_note
+from .fmt import noun
 
 log = logging.getLogger("mpmagic")
 
@@ -114,32 +119,61 @@ class _ChargedToCaller:
 # What runs in the workers (module functions: pickled by name, never by value)
 
 
-def _record(piece: pd.DataFrame | pd.Series, method: str, options: dict, func: Callable) -> Any:
+def _record(piece: pd.DataFrame | pd.Series, method: str, options: dict, func: Callable,
+            repeated: bool = False) -> Any:
     """What ``func`` returns for each call pandas' own ``piece.<method>(func, **options)`` makes, in order.
 
     pandas hands ``func`` the rows, columns or values (boxed as Timestamps,
     skipping NaN under ``na_action='ignore'``...) as it would for the whole
     frame; only the assembly of the results waits for home, where it sees them all.
+    ``repeated``: the whole's labels repeat, so the note naming the row ``func``
+    raised on also gives its position (in the piece: home makes it the whole's, :func:`_placed`).
     """
     __tracebackhide__ = True  # (ours: a task's traceback starts at pandas' call, as serially)
     values: list = []
     stand_in = _broadcast_stand_in(piece, options)
+    raw = _raw_calls(piece, options)
 
     def recorder(x: Any) -> Any:
         __tracebackhide__ = True
         try:
             value = func(x)
         except BaseException as exc:
-            _note(exc, _which(piece, options, x, len(values)))
+            _note(exc, _which(piece, options, x, len(values), repeated))
             raise
         if isinstance(value, pd.Series):
             value = value.copy(deep=False)  # as pandas does: the row it passes may be reused for the next one
         values.append(value)
+        if raw is not None:  # (numpy stores each value in an array shaped after the piece's first)
+            return values[0]
         return value if stand_in is None else stand_in
 
     with worker_logging.naming_items(lambda: _nth(piece, options, len(values))):  # ([row 'r57'], not [item 4])
-        getattr(piece, method)(recorder, **options)
+        try:
+            getattr(piece, method)(recorder, **options)
+        except Exception as exc:
+            if raw is None or len(values) != raw or _row_note(exc) is not None:
+                raise
+            # (pandas could not make a frame of the piece's values, a 2-D one: the whole's decides, at home)
     return _pack(values)
+
+
+def _raw_calls(piece: pd.DataFrame | pd.Series, options: dict) -> int | None:
+    """How many rows or columns pandas' ``raw=True`` apply on ``piece`` hands ``func``; None: not such a call.
+
+    pandas runs ``np.apply_along_axis``, which stores every value in one array
+    shaped and typed after the first: the whole frame's first, which a piece's
+    first is not. A value of another shape than the piece's first (a
+    ``c[:1]`` that the whole's broadcasts into its first's) failed in the
+    worker where pandas' call on the whole succeeds; so the worker's call is
+    given the piece's first value again for each (:func:`_record`), and once
+    ``func`` has had every row or column, the piece's own assembly is thrown
+    away, failing or not: home assembles the whole from the values recorded,
+    as pandas does, and raises pandas' own error, with the whole's shapes.
+    """
+    if not isinstance(piece, pd.DataFrame) or not options.get("raw") or options.get("result_type") == "broadcast":
+        return None
+    return piece.shape[1] if options.get("axis", 0) in (0, "index") else piece.shape[0]
 
 
 def _broadcast_stand_in(piece: pd.DataFrame | pd.Series, options: dict) -> Any:
@@ -249,9 +283,49 @@ def _note(exc: BaseException, what: str) -> None:
         add_note(exc, f"{_RAISED_BY}{what}")  # (never raising: func's own error stays)
 
 
-def _which(piece: pd.DataFrame | pd.Series, options: dict, x: Any, k: int) -> str:
-    """The row, column or value ``x``, the ``k``-th that pandas' call on ``piece`` handed ``func``, by its label."""
-    return _nth(piece, options, k, x) or f"the value {_label(x)}"
+def _which(piece: pd.DataFrame | pd.Series, options: dict, x: Any, k: int, repeated: bool = False) -> str:
+    """The row, column or value ``x``, the ``k``-th that pandas' call on ``piece`` handed ``func``, by its label
+    (and, where labels repeat, its position in ``piece``: "row 1 (position 3)", which home makes the whole's)."""
+    what = _nth(piece, options, k, x)
+    if not what:
+        return f"the value {_label(x)}"
+    if repeated:
+        if isinstance(piece, pd.Series) and options.get("na_action") == "ignore":  # (k counts the values given)
+            k = int(np.flatnonzero(piece.notna().to_numpy())[k])
+        what += f" (position {k})"
+    return what
+
+
+#: How a note names the position of a row whose label repeats (:func:`_which`, :func:`_placed`).
+_POSITION = re.compile(r" \(position (\d+)\)\Z")
+_ITEM = re.compile(r"mpmagic: raised by item (\d+) of the input")
+
+
+def _placed(exc: BaseException, spans: list[tuple[int, int]]) -> None:
+    """The position in the note on ``exc`` (or its cause) made the whole's: the worker counted from its piece's start.
+
+    A frame whose labels repeat (two rows labelled 1) had its failing row named
+    by its label alone, "raised by row 1": which of them the user could not tell.
+    The pool's note names the piece ("raised by item N"), whose start is ``spans[N][0]``.
+    """
+    notes = getattr(exc, "__notes__", None)
+    item = next((m for n in notes or () if isinstance(n, str) and (m := _ITEM.match(n))), None)
+    if item is None or int(item[1]) >= len(spans):
+        return
+    start = spans[int(item[1])][0]
+    for holder in (exc, exc.__cause__):
+        note = _row_note(holder)
+        if note is None or (found := _POSITION.search(note)) is None:
+            continue
+        whole = note[:found.start()] + f" (position {start + int(found[1])})"
+        notes = holder.__notes__  # type: ignore[union-attr]
+        fixed = [whole if n == note else n for n in notes]
+        BaseException.__setattr__(holder, "__notes__", fixed if isinstance(notes, list) else tuple(fixed))
+        attributes = getattr(holder, "__dict__", {})
+        for render in (attributes.get("_render_traceback_"), attributes.get("_render_without_frames")):
+            if isinstance(getattr(render, "lines", None), list):  # (Python < 3.11 shows notes through it)
+                render.lines = [whole if line == note else line for line in render.lines]  # type: ignore[union-attr]
+        return
 
 
 def _nth(piece: pd.DataFrame | pd.Series, options: dict, k: int, x: Any = None) -> str:
@@ -373,6 +447,7 @@ def _run(call: str, func: Callable, items: list, spans: list[tuple[int, int]], w
     try:
         results = api.pmap(func, items, workers=workers, chunksize=1)
     except BaseException as exc:
+        _placed(exc, spans)
         stop = _functions_stop(exc)
         if stop is not None:
             raise stop from None
@@ -386,7 +461,8 @@ def _run(call: str, func: Callable, items: list, spans: list[tuple[int, int]], w
         report.items = count
         report.caller = call
         report.extra["accessor"] = {"unit": what, "chunks": chunks, "per_worker": CHUNKS_PER_WORKER}
-        per_piece = f"~{math.ceil(count / max(1, len(items)))} {what}"
+        size = math.ceil(count / max(1, len(items)))
+        per_piece = f"~{size} {noun(what, size)}"
         report.chunksize = per_piece if chunks is not None else f"auto ({per_piece})"
         report.slowest_where = _piece_text(report.slowest_where, spans, what)
     return results, report
@@ -614,6 +690,22 @@ def _vectorized_why(func: Any) -> str:
     return f"a {type(func).__name__}, which is no function pandas calls per row"
 
 
+def _broadcast_why(df: pd.DataFrame, by_rows: bool, result_type: Any) -> str | None:
+    """Why ``df.apply(func, result_type="broadcast")`` runs here: labels along its axis that repeat. None: it need not.
+
+    pandas' broadcast hands ``func`` ``target[label]``, for each position:
+    for a label that two rows (or columns) share, both at once, as a frame.
+    A piece holding one of them would hand it alone, so ``func`` saw other
+    values, and the result differed silently.
+    """
+    labels = df.index if by_rows else df.columns
+    if result_type != "broadcast" or labels.is_unique:
+        return None
+    what = "row" if by_rows else "column"
+    return (f"result_type='broadcast' over duplicate {what} labels: pandas hands func every {what} "
+            "of a label at once")
+
+
 def _distinct_why(s: pd.Series) -> str:
     kind = "categorical" if isinstance(s.dtype, pd.CategoricalDtype) else "sparse"
     what = "each category once" if kind == "categorical" else "its fill value once, then the stored values"
@@ -743,7 +835,7 @@ class FrameAccessor:
         extra, kwargs, home = _split_options(pd.DataFrame.apply, kwargs, ("axis", "raw", "result_type", "args"),
                                              per_piece=("by_row",))
         why = ("an empty frame" if n == 0 or df.size == 0 else _vectorized_why(func) if _vectorized(func)
-               else _options_why(extra, ("by_row",)) if home else None)
+               else _options_why(extra, ("by_row",)) if home else _broadcast_why(df, by_rows, result_type))
         if why is not None:
             return _at_home("df.mp.apply", why, compare, quiet, functools.partial(
                 df.apply, func, axis=axis, raw=raw, result_type=result_type, args=args, **extra, **kwargs))
@@ -757,7 +849,8 @@ class FrameAccessor:
             items = [df.iloc[:, a:b] for a, b in spans]
         bound = _bind(func, args, kwargs)
         options = {"axis": axis, "raw": raw, "result_type": result_type, **extra}
-        task = functools.partial(_record, method="apply", options=options, func=bound)
+        repeated = not (df.index if by_rows else df.columns).is_unique
+        task = functools.partial(_record, method="apply", options=options, func=bound, repeated=repeated)
         parts, report = _run("df.mp.apply", task, items, spans, workers, "rows" if by_rows else "columns", chunks)
         result = _assemble_frame(df, _unpack(parts), options, bound)
         serial = functools.partial(df.apply, func, axis=axis, raw=raw, result_type=result_type, args=args,
@@ -826,7 +919,7 @@ class SeriesAccessor:
         pieces = chunks or _workers(workers) * CHUNKS_PER_WORKER
         spans = _bounds(len(s), pieces)
         items = [s.iloc[a:b] for a, b in spans]
-        task = functools.partial(_record, method=method, options=options, func=func)
+        task = functools.partial(_record, method=method, options=options, func=func, repeated=not s.index.is_unique)
         parts, report = _run(f"series.mp.{method}", task, items, spans, workers, "rows", chunks)
         result = _replay(s, method, options, _unpack(parts), func)
         _report(report, started, result, quiet, serial)
@@ -879,12 +972,19 @@ class GroupByAccessor:
         ``workers``, ``chunks``, ``quiet``, ``compare``: as for ``df.mp.apply``.
 
         pandas' own options (``include_groups``) are passed to pandas' apply, in
-        the workers and here, never to ``func``.
+        the workers and here, never to ``func``. A function given by name
+        (``"sum"``) is the GroupBy's own method, which pandas' call runs here.
         """
         __tracebackhide__ = True
         started = time.perf_counter()
         chunks = _own_options("groupby(...).mp.apply", func, workers, chunks, quiet, compare)
         gb = self._gb
+        if isinstance(func, str) or not callable(func):  # (a name: pandas calls gb.sum(), one vectorized
+            # call; anything else not callable: pandas' own error, not one a worker's call of it raises per group)
+            why = (_vectorized_why(func) if isinstance(func, str)
+                   else f"a {type(func).__name__}, which is no function pandas calls per group")
+            return _at_home("groupby(...).mp.apply", why, compare, quiet,
+                            functools.partial(gb.apply, func, *args, **kwargs))
         spec = self._spec()
         extra, kwargs, home = _split_options(type(gb).apply, kwargs, per_piece=("include_groups",))
         indices = gb.indices  # group name -> positions in gb.obj

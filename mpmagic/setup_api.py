@@ -13,6 +13,7 @@ line that names the runs and how to end them.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -48,6 +49,9 @@ def on_worker_start(func: Callable[[], Any]) -> Callable[[], Any]:
     """
     if not callable(func):
         raise UsageError(f"on_worker_start takes a function, not {type(func).__name__}")
+    idle = _runs_nothing(func)
+    if idle is not None:
+        raise UsageError(f"on_worker_start: {worker_setup.function_name(func)[0]} is {idle}")
     world = context.world()  # (it runs in the notebook's directory, environment... of now, in every worker)
     errors = _change(lambda: worker_setup.add_function(func, world), f"on_worker_start({func_name(func)})", start=False,
                      interrupt_as="on_worker_start")
@@ -55,6 +59,20 @@ def on_worker_start(func: Callable[[], Any]) -> Callable[[], Any]:
         more = f" (and on {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise MPMagicError(errors[0] + more)
     return func
+
+
+def _runs_nothing(func: Callable[..., Any]) -> str | None:
+    """Why calling ``func`` would run none of its body, or None: an ``async def`` or a generator
+    function (also through ``functools.partial``). Each worker's call only made a coroutine or a
+    generator, which nobody runs: the setup was reported done, its names missing, and the
+    "coroutine ... was never awaited" warning charged to mpmagic's own line."""
+    if inspect.iscoroutinefunction(func):
+        return ("an async function: calling it only makes a coroutine, which runs nothing; give a plain "
+                f"function that runs it, lambda: asyncio.run({worker_setup.function_name(func)[0]}(...))")
+    if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+        return ("a generator function: calling it only makes a generator, which runs nothing; "
+                "give a plain function (return a dict of the names instead of yielding)")
+    return None
 
 
 def set_code(source: str, line_offset: int = 0) -> list[str]:

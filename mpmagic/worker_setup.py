@@ -76,7 +76,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import astlock, worker_logging
+from . import astlock, debugging, worker_logging
 from .protocol import Setup, SetupDone
 
 log = logging.getLogger("mpmagic")
@@ -700,7 +700,7 @@ def _run_setup(ver: int, data: bytes | None, wid: Any) -> tuple[str | None, list
     try:
         entries = payload.loads(data)
     except BaseException as exc:
-        return f"setup could not be loaded on worker {wid}: {type(exc).__name__}: {exc}", []
+        return f"setup could not be loaded on worker {wid}: {debugging.exception_line(exc)}", []
     from . import context
 
     space = vars(builtins)
@@ -1094,7 +1094,12 @@ def _shadow_line(names: list[str], wid: Any) -> str:
 
 def _failure_line(exc: BaseException, entry: _Entry, wid: Any) -> str:
     """``setup failed on worker 3, %%pool setup, line 3 (`model = load(p)`): OSError: ...``
-    (the line counted from the ``%%pool setup`` line, as IPython numbers the cell)."""
+    (the line counted from the ``%%pool setup`` line, as IPython numbers the cell).
+
+    The error as Python's traceback ends: ``KeyboardInterrupt`` without a message, and
+    ``E: <exception str() failed>`` where its ``__str__`` raises (which, raised here,
+    killed the worker: its setup's error was lost for "the worker died while running it").
+    """
     where = entry.name if entry.kind == "func" else "%%pool setup"
     frames = traceback.extract_tb(exc.__traceback__)
     if entry.kind == "code":
@@ -1109,7 +1114,7 @@ def _failure_line(exc: BaseException, entry: _Entry, wid: Any) -> str:
         text = (f.line or "").strip()
         where += f", line {f.lineno}" + (f" (`{text}`)" if text else "")
     return (
-        f"setup failed on worker {wid}, {where}: {type(exc).__name__}: {exc} "
+        f"setup failed on worker {wid}, {where}: {debugging.exception_line(exc)} "
         "(the worker still runs tasks without it; fix the setup and run it again, %pool shows which workers are set up)"
     )
 

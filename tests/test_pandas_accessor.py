@@ -274,6 +274,25 @@ def test_a_failure_names_the_row_or_group_not_the_piece(ip, frame) -> None:
     assert group.value.__notes__ == ["mpmagic: raised by group 2"]
 
 
+def test_a_failure_on_a_label_that_repeats_names_the_rows_position_too(ip, frame) -> None:
+    """Two rows labelled 1: "raised by row 1" did not say which. The position (``iloc``) is the
+    whole's, also where the piece starts further on and where ``na_action='ignore'`` skips values."""
+    run(ip, "twice = pd.DataFrame({'a': [1, 2, 3, 4, 5, 6], 'b': [np.nan, 1.0, np.nan, 0.0, 2.0, 3.0]},\n"
+            "                     index=[3, 3, 1, 1, 2, 2])")
+    cases = [("twice.mp.apply(lambda r: 1 // int(r['a'] - 4), axis=1, chunks={}, quiet=True)", "row 1 (position 3)"),
+             ("twice['a'].mp.map(lambda v: 1 / (v - 6), chunks={}, quiet=True)", "row 2 (position 5)"),
+             ("twice['b'].mp.map(lambda v: 1 / v, na_action='ignore', chunks={}, quiet=True)", "row 1 (position 3)"),
+             ("twice.T.mp.apply(lambda c: 1 // int(c['a'] - 2), chunks={}, quiet=True)", "column 3 (position 1)")]
+    for code, row in cases:
+        for chunks in (1, 2, 4):
+            with pytest.raises(ZeroDivisionError) as info:
+                run(ip, code.format(chunks))
+            assert info.value.__notes__ == [f"mpmagic: raised by {row}"], (code, chunks)
+    with pytest.raises(ZeroDivisionError) as info:  # (unique labels: the label says it all)
+        run(ip, "df.mp.apply(row_fails, axis=1, chunks=5, quiet=True)")
+    assert info.value.__notes__ == ["mpmagic: raised by row ('a', 3)"]
+
+
 @pytest.mark.parametrize("code", ["df['x'].mp.map(lambda v: 1 / (v - 3), quiet=True)",
                                   "df['x'].mp.apply(lambda v, k: 1 / (v - k), args=(3,), quiet=True)",
                                   "df.mp.apply(row_fails, axis=1, quiet=True)",
@@ -362,6 +381,19 @@ def test_series_and_frame_apply_by_name_or_ufunc_is_pandas_own_call(ip, frame, f
     else:
         assert_same(got, expected)
     assert_same(run(ip, f"df[['x', 'y']].mp.apply({func})"), run(ip, f"df[['x', 'y']].apply({func})"))
+
+
+@pytest.mark.parametrize("func", ["'sum'", "'size'", "'head'", "'describe'", "'nope'", "'ngroups'", "['sum'], 1",
+                                  "None, k=1"])
+def test_groupby_apply_by_name_is_pandas_own_method(ip, frame, func) -> None:
+    """``gb.apply("sum")`` is ``gb.sum()``, one vectorized call (pandas looks the name up on the
+    GroupBy). The workers called the string on each group: "'str' object is not callable". Nor
+    did anything else not callable raise pandas' own error ("func must be a callable if args ...")."""
+    for grouped in ("df[['x', 'y', 'key']].groupby('key')", "df.set_index('key')['x'].groupby(level=0)"):
+        if func == "'ngroups'":  # (a property: its value, 4)
+            assert run(ip, f"{grouped}.mp.apply({func}, quiet=True)") == run(ip, f"{grouped}.apply({func})") == 4
+        else:
+            assert_as_pandas(ip, f"{grouped}.mp.apply({func}, quiet=True)", f"{grouped}.apply({func})")
 
 
 @pytest.mark.parametrize("by", ["'k'", "['k', 'j']"])
@@ -484,9 +516,10 @@ def test_the_chunk_size_cell_says_rows_or_groups_per_chunk(ip, frame) -> None:
     run(ip, "df['x'].mp.map(abs, quiet=True)")
     cell = dict(mpmagic.last_report().rows())["chunk size"]
     assert re.fullmatch(r"auto: ~\d+ rows per chunk, \d+ chunks?", cell), cell
-    run(ip, "df.groupby('key').mp.apply(len, quiet=True)")
-    cell = dict(mpmagic.last_report().rows())["chunk size"]
-    assert re.fullmatch(r"auto: ~\d+ groups per chunk, \d+ chunks?", cell), cell
+    run(ip, "df.groupby('key').mp.apply(len, quiet=True)")  # (4 groups in 4 pieces: it read "~1 groups per chunk")
+    assert dict(mpmagic.last_report().rows())["chunk size"] == "auto: ~1 group per chunk, 4 chunks"
+    run(ip, "df.groupby('key').mp.apply(len, chunks=2, quiet=True)")
+    assert dict(mpmagic.last_report().rows())["chunk size"] == "~2 groups per chunk, 2 chunks"
 
 
 @pytest.mark.parametrize("chunks", [0, -1, 2.5, "x", True])
@@ -585,6 +618,37 @@ def test_broadcast_raises_pandas_own_error_once_all_columns_are_in(ip, frame) ->
         run(ip, "mixed['int_float'].mp.apply(col_label, result_type='broadcast', quiet=True)")
     with pytest.raises(ValueError, match="^cannot broadcast result$"):
         run(ip, "mixed['int_str'].mp.apply(col_wrong_length, result_type='broadcast', quiet=True)")
+
+
+def test_broadcast_over_duplicate_labels_hands_func_every_row_or_column_of_the_label_as_pandas_does(ip, frame) -> None:
+    """pandas' broadcast hands ``func`` ``target[label]``: for a label two rows (or columns) share, both
+    at once, as a frame. Pieces cut between them handed each alone: other values, silently (the sum of
+    one row where pandas broadcasts the sum of both), or a result where pandas raises."""
+    run(ip, "twice = pd.DataFrame({'a': [1, 2, 3], 'b': [4.0, 5.0, 6.0]}, index=['x', 'x', 'y'])\n"
+            "def row_total_of(r):\n    return r.sum()\n")
+    for chunks in (1, 2, 3):
+        assert_as_pandas(ip, f"twice.mp.apply(row_total_of, axis=1, result_type='broadcast', chunks={chunks}, "
+                         "quiet=True)", "twice.apply(row_total_of, axis=1, result_type='broadcast')")
+        assert_as_pandas(ip, f"twice.T.mp.apply(row_total_of, result_type='broadcast', chunks={chunks}, quiet=True)",
+                         "twice.T.apply(row_total_of, result_type='broadcast')")
+        assert_as_pandas(ip, f"twice.T.mp.apply(lambda c: c.iloc[0], result_type='broadcast', chunks={chunks}, "
+                         "quiet=True)", "twice.T.apply(lambda c: c.iloc[0], result_type='broadcast')")
+
+
+def test_raw_values_of_other_shapes_than_the_pieces_first_are_assembled_as_pandas_does(ip, frame) -> None:
+    """``raw=True``: numpy stores every value in an array shaped after the *first* value's, the whole
+    frame's first. A piece's own first one was another: a later column's value of another shape (one
+    pandas broadcasts into the first's) failed in the worker where pandas succeeds, and a value pandas
+    cannot put in a frame failed there with the piece's shapes in the message, not the whole's."""
+    run(ip, "quad = pd.DataFrame(np.arange(8.0).reshape(2, 4), columns=list('abcd'))\n"
+            "def head_after_b(c):\n    return c if c[0] < 2 else c[:1]\n")
+    for chunks in (2, 3, 4):
+        assert_as_pandas(ip, f"quad.mp.apply(head_after_b, raw=True, chunks={chunks}, quiet=True)",
+                         "quad.apply(head_after_b, raw=True)")
+        assert_as_pandas(ip, f"quad.mp.apply(lambda c: np.ones((1, 1)), raw=True, chunks={chunks}, quiet=True)",
+                         "quad.apply(lambda c: np.ones((1, 1)), raw=True)")
+        assert_as_pandas(ip, f"quad.mp.apply(lambda r: r[:2], axis=1, raw=True, chunks={chunks}, quiet=True)",
+                         "quad.apply(lambda r: r[:2], axis=1, raw=True)")
 
 
 @pytest.mark.parametrize(("call", "why"), [
@@ -700,9 +764,12 @@ def test_the_accessors_advice_names_its_chunks_option_not_chunksize() -> None:
                               extra={"accessor": {"unit": "rows", "chunks": None, "per_worker": 4}})
     assert lonely.advice.startswith("only 1 row for 2 workers"), lonely.advice
     assert "use workers=1 or split the work into more rows" in lonely.advice, lonely.advice
+    single = _accessor_report(items=6, chunks=6, chunksize="~1 row", wall=0.0042, task_seconds=0.000446,
+                              extra={"accessor": {"unit": "rows", "chunks": 6, "per_worker": 4}})
+    assert "each row computes in ~74 µs, a piece of 1 row in ~74 µs," in single.advice, single.advice  # (1 rows)
     differ = _accessor_report(equal=False, serial=0.1)
     assert "unless the function seeds its own generator from what it is given" in differ.advice, differ.advice
-    for report in (small, few, slow, quick, lonely, differ):
+    for report in (small, few, slow, quick, lonely, single, differ):
         assert "--chunksize" not in report.advice and "-n " not in report.advice and "--seed" not in report.advice
         assert report.line().startswith("series.mp.map: ")
 

@@ -422,6 +422,46 @@ def test_builtin_names_made_at_run_time_are_a_setup_failure_in_the_worker():
         worker_setup.run_setup(0, None, None)
 
 
+def test_a_setup_error_without_a_message_or_without_a_str_is_one_line_as_python_shows_it():
+    """An exception whose ``__str__`` raised killed the worker in its failure line (mpmagic's own
+    traceback on stderr, then "the worker died while running it (exited ... with exit code 1)": the
+    setup's error lost); one without a message read ``KeyboardInterrupt: ``. As Python's traceback
+    shows them: ``E: <exception str() failed>``, ``KeyboardInterrupt``."""
+    import builtins
+
+    from mpmagic import payload
+
+    cases = [("class E(Exception):\n    def __str__(self):\n        raise RuntimeError('no str')\nraise E()\n",
+              ", %%pool setup, line 5 (`raise E()`): E: <exception str() failed> (the worker still runs"),
+             ("raise KeyboardInterrupt\n", ", %%pool setup, line 2 (`raise KeyboardInterrupt`): KeyboardInterrupt (the "
+                                           "worker still runs")]
+    try:
+        for source, said in cases:
+            entries = [worker_setup._Entry("code", "%%pool setup", source, line_offset=1)]
+            reply = worker_setup.run_setup(1, payload.dumps_data(entries), 7)
+            assert reply.error is not None and reply.error.startswith("setup failed on worker 7" + said), reply.error
+    finally:
+        worker_setup.run_setup(0, None, None)
+    assert not hasattr(builtins, "E")
+
+
+def test_on_worker_start_refuses_a_function_whose_call_runs_nothing(ip):
+    """An ``async def`` (or a generator function) given to on_worker_start: each worker's call only
+    made a coroutine, never run ("RuntimeWarning: coroutine 'init' was never awaited", charged to
+    mpmagic's context.py), the setup was reported done, and the tasks' names were missing."""
+    run(ip, "import functools\nasync def init_async(path):\n    return {'MODEL': path}\n"
+            "def init_gen():\n    yield {'MODEL': 1}\n")
+    for call, name, kind in (("functools.partial(init_async, 'm.bin')", "init_async", "an async function"),
+                             ("init_gen", "init_gen", "a generator function")):
+        before = worker_setup.version()
+        with pytest.raises(UsageError) as info:
+            run(ip, f"mpmagic.on_worker_start({call})")
+        text = str(info.value)
+        assert text.startswith(f"on_worker_start: {name} is {kind}: "), text
+        assert "runs nothing" in text and "\n" not in text, text
+        assert worker_setup.version() == before and not worker_setup.has_setup()  # (nothing sent or set)
+
+
 def test_on_worker_start_dict_with_a_builtin_name_fails_in_one_line(ip, local_pool):
     run(ip, "def _start():\n    return {'list': ['cat', 'dog'], 'TOKEN': 1}")
     with pytest.raises(mpmagic.MPMagicError, match=r"^setup refused on worker \d+: it defines `list`") as info:
