@@ -1115,6 +1115,32 @@ def test_an_interrupted_lock_acquire_takes_nothing_once_the_holder_releases(ip, 
         ip.user_ns.pop(name)
 
 
+def test_a_sigint_another_thread_took_interrupts_the_notebooks_lock_and_event_waits_at_once(dask_pool):
+    """As the local pool's waits (test_engine): the kernel's interrupt is sent to the process,
+    and Linux may hand it to another thread (Dask's client has several). Python's handler ran
+    there, and the notebook's ``lock.acquire()`` or ``ev.wait()``, blocked in Dask's ``sync``
+    (a ``threading.Event.wait(10)``), raised its KeyboardInterrupt up to 10 s late. Nothing
+    is taken meanwhile: the lock is free again once its holder releases it."""
+    import pickle
+
+    from test_engine import _sigint_in_this_thread
+
+    wanted, unset = mpmagic.Lock(), mpmagic.Event()
+    holder = pickle.loads(pickle.dumps(wanted))
+    holder.acquire()
+    for wait in (wanted.acquire, unset.wait):
+        timer = threading.Timer(0.3, _sigint_in_this_thread)
+        t0 = time.monotonic()
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            wait()
+        timer.join()
+        assert time.monotonic() - t0 < 2.5, wait  # (before: 10 s, Dask's slice)
+    holder.release()
+    assert wanted.acquire(timeout=3) is True  # (the interrupted acquire left no lease behind)
+    wanted.release()
+
+
 def test_an_interrupted_queue_get_leaves_the_consumers_lock_free(dask_pool):
     """The same for a queue's consumers' lock: a Ctrl-C in the notebook's ``q.get()`` while
     another consumer held it (two round trips of each take) left a lease nobody refreshed,
