@@ -1141,6 +1141,37 @@ def test_a_sigint_another_thread_took_interrupts_the_notebooks_lock_and_event_wa
     wanted.release()
 
 
+def test_a_sigint_another_thread_took_interrupts_a_runs_wait_for_its_turn(ip, dask_pool):
+    """The same for a foreground run waiting behind a background one (on Dask runs take
+    turns): past its first second (the line that names the run it waits for) it waited on
+    the turn's lock with no limit, and a Ctrl-C another thread took was acted on only once
+    the background run ended (an hour's run: an hour)."""
+    from test_engine import _sigint_in_this_thread
+
+    run(ip, "import mpmagic\nturn_gate = mpmagic.Event()\ndef gated(x):\n    turn_gate.wait(30)\n    return x\n")
+    handle = run(ip, "mpmagic.submit(gated, range(1))")
+    opener = threading.Timer(8, ip.user_ns["turn_gate"].set)  # (the background run's end, before: the interrupt's)
+    try:
+        deadline = time.monotonic() + 30
+        while dask_pool._driving is None and time.monotonic() < deadline:  # (it holds the turn)
+            time.sleep(0.02)
+        timer = threading.Timer(1.3, _sigint_in_this_thread)  # (past the 1 s wait before the line)
+        opener.start()
+        t0 = time.monotonic()
+        timer.start()
+        with capture_output(), pytest.raises(KeyboardInterrupt):
+            mpmagic.pmap(abs, [-1, 2])
+        timer.join()
+        assert time.monotonic() - t0 < 3, time.monotonic() - t0  # (before: 8 s, as the background run ended)
+    finally:
+        ip.user_ns["turn_gate"].set()
+        opener.cancel()
+    assert handle.result(timeout=30) == [0]
+    assert mpmagic.pmap(abs, [-1, 2]) == [1, 2]
+    for name in ("turn_gate", "gated"):
+        ip.user_ns.pop(name)
+
+
 def test_an_interrupted_queue_get_leaves_the_consumers_lock_free(dask_pool):
     """The same for a queue's consumers' lock: a Ctrl-C in the notebook's ``q.get()`` while
     another consumer held it (two round trips of each take) left a lease nobody refreshed,

@@ -79,7 +79,7 @@ from distributed.deploy.cluster import Cluster
 from .. import compat, context, exiting, payload_cache, posixshm, warmup, worker_setup
 from ..checks import check_real, check_whole, number_text, size_refused, whole
 from ..cpus import available_cpus
-from ..engine import DrivenRun
+from ..engine import DrivenRun, wait_in_slices
 from ..errors import MPMagicError, UsageError, set_interrupt_outcome
 from ..fmt import func_name
 from ..protocol import Done, Error, Out, ProtocolError, Unpicklable, pack, unpack
@@ -1474,7 +1474,8 @@ class DaskBackend:
                 sys.stderr.write(f"mpmagic: this run waits for {self._describe(self._driving)} to end: on Dask the "
                                  "runs of one notebook take turns, one at a time (%pool runs lists the background ones, %pool cancel ID "
                                  "stops one; see docs/dask.md)\n")
-            self._run_lock.acquire()
+            # (in slices in the main thread: a Ctrl-C another thread took, acted on at once: engine.SIGNAL_POLL)
+            wait_in_slices(lambda timeout: self._run_lock.acquire(timeout=-1 if timeout is None else timeout))
         self._note_turn_wait(run, t0)
 
     @staticmethod
