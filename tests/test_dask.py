@@ -8,6 +8,7 @@ a wrong address, interrupts, restarts, the helpers and ``%pool dask``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib
 import logging
 import os
@@ -1141,6 +1142,28 @@ def test_a_sigint_another_thread_took_interrupts_the_notebooks_lock_and_event_wa
     wanted.release()
 
 
+class _TurnHeld:
+    """A background run holding the Dask backend's turn until :meth:`open` (or ``seconds``
+    later: what a run waiting behind it waited for before)."""
+
+    def __init__(self, ip, backend, seconds: float) -> None:
+        run(ip, "import mpmagic\nturn_gate = mpmagic.Event()\ndef gated(x):\n    turn_gate.wait(30)\n    return x\n")
+        self.ip, self.gate = ip, ip.user_ns["turn_gate"]
+        self.handle = run(ip, "mpmagic.submit(gated, range(1))")
+        self.opener = threading.Timer(seconds, self.gate.set)
+        deadline = time.monotonic() + 30
+        while backend._driving is None and time.monotonic() < deadline:  # (it holds the turn)
+            time.sleep(0.02)
+        self.opener.start()
+
+    def open(self) -> None:
+        self.gate.set()
+        self.opener.cancel()
+        assert self.handle.result(timeout=30) == [0]
+        for name in ("turn_gate", "gated"):
+            self.ip.user_ns.pop(name)
+
+
 def test_a_sigint_another_thread_took_interrupts_a_runs_wait_for_its_turn(ip, dask_pool):
     """The same for a foreground run waiting behind a background one (on Dask runs take
     turns): past its first second (the line that names the run it waits for) it waited on
@@ -1148,15 +1171,9 @@ def test_a_sigint_another_thread_took_interrupts_a_runs_wait_for_its_turn(ip, da
     the background run ended (an hour's run: an hour)."""
     from test_engine import _sigint_in_this_thread
 
-    run(ip, "import mpmagic\nturn_gate = mpmagic.Event()\ndef gated(x):\n    turn_gate.wait(30)\n    return x\n")
-    handle = run(ip, "mpmagic.submit(gated, range(1))")
-    opener = threading.Timer(8, ip.user_ns["turn_gate"].set)  # (the background run's end, before: the interrupt's)
+    held = _TurnHeld(ip, dask_pool, seconds=8)
     try:
-        deadline = time.monotonic() + 30
-        while dask_pool._driving is None and time.monotonic() < deadline:  # (it holds the turn)
-            time.sleep(0.02)
         timer = threading.Timer(1.3, _sigint_in_this_thread)  # (past the 1 s wait before the line)
-        opener.start()
         t0 = time.monotonic()
         timer.start()
         with capture_output(), pytest.raises(KeyboardInterrupt):
@@ -1164,12 +1181,29 @@ def test_a_sigint_another_thread_took_interrupts_a_runs_wait_for_its_turn(ip, da
         timer.join()
         assert time.monotonic() - t0 < 3, time.monotonic() - t0  # (before: 8 s, as the background run ended)
     finally:
-        ip.user_ns["turn_gate"].set()
-        opener.cancel()
-    assert handle.result(timeout=30) == [0]
+        held.open()
     assert mpmagic.pmap(abs, [-1, 2]) == [1, 2]
-    for name in ("turn_gate", "gated"):
-        ip.user_ns.pop(name)
+
+
+def test_a_run_cancelled_while_it_waits_for_its_turn_is_cancelled_at_once(ip, dask_pool):
+    """As on the local pool: ``cancel()`` of a background run waiting behind another one
+    returns at once, the run cancelled. Its thread waited on the turn's lock with no limit
+    and saw the cancel only once it had the turn: ``cancel()`` waited its 10 s and returned
+    with the run still "running" (an imap's Ctrl-C waited as long), and the run ended when
+    the one before it did (an hour's run: an hour)."""
+    held = _TurnHeld(ip, dask_pool, seconds=15)
+    try:
+        behind = mpmagic.submit(abs, [-1, 2])
+        time.sleep(0.3)  # (its thread waits for the turn)
+        t0 = time.monotonic()
+        assert behind.cancel() is True
+        assert time.monotonic() - t0 < 2, time.monotonic() - t0  # (before: 10 s)
+        assert behind.wait(2) and behind.cancelled(), behind.state  # (before: "running" until the other ended)
+        with pytest.raises(concurrent.futures.CancelledError):
+            behind.result()
+    finally:
+        held.open()
+    assert mpmagic.pmap(abs, [-1, 2]) == [1, 2]
 
 
 def test_an_interrupted_queue_get_leaves_the_consumers_lock_free(dask_pool):

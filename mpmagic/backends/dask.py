@@ -79,7 +79,7 @@ from distributed.deploy.cluster import Cluster
 from .. import compat, context, exiting, payload_cache, posixshm, warmup, worker_setup
 from ..checks import check_real, check_whole, number_text, size_refused, whole
 from ..cpus import available_cpus
-from ..engine import DrivenRun, wait_in_slices
+from ..engine import SIGNAL_POLL, DrivenRun
 from ..errors import MPMagicError, UsageError, set_interrupt_outcome
 from ..fmt import func_name
 from ..protocol import Done, Error, Out, ProtocolError, Unpicklable, pack, unpack
@@ -1434,7 +1434,8 @@ class DaskBackend:
 
         def drive() -> None:
             __tracebackhide__ = True
-            self._take_turn(run)
+            if not self._take_turn(run):
+                return  # (cancelled while it waited for its turn: nothing sent, its job's failure says so)
             try:
                 self._driving = run
                 try:
@@ -1457,26 +1458,34 @@ class DaskBackend:
         handle (``engine.DrivenRun``), so one its caller never held has sent nothing."""
         return None
 
-    def _take_turn(self, run: DrivenRun) -> None:
-        """Acquire ``_run_lock`` for ``run``: runs take turns on this backend.
+    def _take_turn(self, run: DrivenRun) -> bool:
+        """Acquire ``_run_lock`` for ``run``: runs take turns on this backend. True once
+        taken; False, not taken, once ``run`` was cancelled while it waited.
 
         A foreground run that waits more than :data:`TURN_NOTICE` seconds for
         another run of this notebook says so in one line, naming that run (a
         quick ``%pmap`` behind an 8 s ``--bg`` run sat there for 8 s in silence),
         and its report counts the wait as one for workers busy with another run.
+        The rest of the wait is in slices of ``engine.SIGNAL_POLL``: a cancel of the
+        waiting run (``background.Run.cancel`` sets its job's failure) ends it, as
+        does, in the main thread, a Ctrl-C another thread took. In one wait with no
+        limit, both came only once the run holding the turn had ended (an hour's
+        run: an hour; ``cancel()`` returned after its 10 s with the run "running").
         """
         __tracebackhide__ = True
         if self._run_lock.acquire(blocking=False):
-            return
+            return True
         t0 = time.monotonic()
         if run.background or not self._run_lock.acquire(timeout=TURN_NOTICE):
             if not run.background:
                 sys.stderr.write(f"mpmagic: this run waits for {self._describe(self._driving)} to end: on Dask the "
                                  "runs of one notebook take turns, one at a time (%pool runs lists the background ones, %pool cancel ID "
                                  "stops one; see docs/dask.md)\n")
-            # (in slices in the main thread: a Ctrl-C another thread took, acted on at once: engine.SIGNAL_POLL)
-            wait_in_slices(lambda timeout: self._run_lock.acquire(timeout=-1 if timeout is None else timeout))
+            while not self._run_lock.acquire(timeout=SIGNAL_POLL):
+                if run.job.failure is not None:
+                    return False
         self._note_turn_wait(run, t0)
+        return True
 
     @staticmethod
     def _note_turn_wait(run: DrivenRun, t0: float) -> None:
