@@ -1206,6 +1206,39 @@ def test_a_run_cancelled_while_it_waits_for_its_turn_is_cancelled_at_once(ip, da
     assert mpmagic.pmap(abs, [-1, 2]) == [1, 2]
 
 
+def test_a_background_cell_is_cancelled_at_once_running_or_waiting_for_its_turn(ip, dask_pool):
+    """As a map (docs/dask.md: a cancel is back within 2 s): ``cancel()`` of a background
+    ``%%parallel`` on Dask did not stop it. Only a map's job took the cancel (its failure
+    set); the cell's loop went on until its ranks returned, so ``cancel()`` waited for them
+    (at most its 10 s, then returned with the run still "running"), and a cell waiting for
+    its turn ran once it had it."""
+    run(ip, "import mpmagic\ncell_gate = mpmagic.Event()")
+    cell = run(ip, "%%parallel --bg -n 2 -q\ncell_gate.wait(30)\nrank")
+    try:
+        deadline = time.monotonic() + 30
+        while dask_pool._driving is None and time.monotonic() < deadline:  # (it runs)
+            time.sleep(0.02)
+        time.sleep(0.5)  # (its ranks run: they wait on the gate)
+        t0 = time.monotonic()
+        assert cell.cancel() is True
+        assert time.monotonic() - t0 < 3, time.monotonic() - t0  # (before: 10 s, the run "running")
+        assert cell.cancelled(), cell.state
+    finally:
+        ip.user_ns["cell_gate"].set()  # (the given-up ranks' waits end by themselves within a second)
+    held = _TurnHeld(ip, dask_pool, seconds=15)
+    try:
+        waiting = run(ip, "%%parallel --bg -n 2 -q\nrank")
+        time.sleep(0.3)  # (its thread waits for the turn)
+        t0 = time.monotonic()
+        assert waiting.cancel() is True
+        assert time.monotonic() - t0 < 2, time.monotonic() - t0  # (before: 10 s)
+        assert waiting.cancelled(), waiting.state
+    finally:
+        held.open()
+    assert run(ip, "%%parallel -n 2 -q\nrank") == [0, 1]
+    ip.user_ns.pop("cell_gate")
+
+
 def test_an_interrupted_queue_get_leaves_the_consumers_lock_free(dask_pool):
     """The same for a queue's consumers' lock: a Ctrl-C in the notebook's ``q.get()`` while
     another consumer held it (two round trips of each take) left a lease nobody refreshed,

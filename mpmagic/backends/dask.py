@@ -1467,7 +1467,7 @@ class DaskBackend:
         quick ``%pmap`` behind an 8 s ``--bg`` run sat there for 8 s in silence),
         and its report counts the wait as one for workers busy with another run.
         The rest of the wait is in slices of ``engine.SIGNAL_POLL``: a cancel of the
-        waiting run (``background.Run.cancel`` sets its job's failure) ends it, as
+        waiting run (``background.Run.cancel``: ``DrivenRun.cancel_requested``) ends it, as
         does, in the main thread, a Ctrl-C another thread took. In one wait with no
         limit, both came only once the run holding the turn had ended (an hour's
         run: an hour; ``cancel()`` returned after its 10 s with the run "running").
@@ -1482,7 +1482,7 @@ class DaskBackend:
                                  "runs of one notebook take turns, one at a time (%pool runs lists the background ones, %pool cancel ID "
                                  "stops one; see docs/dask.md)\n")
             while not self._run_lock.acquire(timeout=SIGNAL_POLL):
-                if run.job.failure is not None:
+                if run.cancel_requested or run.job.failure is not None:
                     return False
         self._note_turn_wait(run, t0)
         return True
@@ -1671,6 +1671,7 @@ class _DaskRun:
         # (MapJob.split): each is quarantined in turn as the job hands it out.
         self.suspects: set[int] = set()
         self.stops = backend.stops  # the backend's stops when this run began (see _check_cluster)
+        self.handle = backend._driving  # the run's handle (None: a run ``run`` drives), for its cancel
         self._no_workers_since: float | None = None  # since when the cluster has had no worker
         # Why this run's units cannot run (a collect map on a cluster whose workers all
         # left, none back in time): they fail as not run until a worker joins (_strand).
@@ -1720,6 +1721,7 @@ class _DaskRun:
             self._sweep()
             self._check_deadlines()
             if job.kind == "cell":
+                self._check_cancelled()
                 self._check_rank_workers()
                 self._check_ranks_started()
                 self._check_abort()
@@ -2341,6 +2343,14 @@ class _DaskRun:
                 self.tasks.pop(task.key, None)
                 self._cancel([task.future])
                 self.job.lost(task.unit, f"(Dask worker {task.target}) left the cluster while running it", worker_kept=True)
+
+    def _check_cancelled(self) -> None:
+        """A cell's background run was cancelled (``DrivenRun.cancel_requested``): it ends here,
+        its ranks given up as on an interrupt (``execute``). A map's job takes the cancel itself
+        (its failure: ``background._stop_driven``); a cell's loop went on until its ranks
+        returned, and ``cancel()`` waited 10 s, then left the run "running"."""
+        if self.handle is not None and self.handle.cancel_requested:
+            raise CancelledError("cancelled")
 
     def _check_abort(self) -> None:
         """A rank failed ``RANK_FAILURE_GRACE`` seconds ago and others still run (maybe
