@@ -1239,6 +1239,24 @@ def test_a_background_cell_is_cancelled_at_once_running_or_waiting_for_its_turn(
     ip.user_ns.pop("cell_gate")
 
 
+def test_an_imap_interrupted_before_its_turn_says_none_of_its_work_started(ip, dask_pool):
+    """As on the local pool: an imap behind a background run (runs take turns on Dask)
+    interrupted before its turn sent nothing, and its line said "its Dask tasks were
+    cancelled; the workers running tasks already started are replaced ...", of tasks it
+    never had."""
+    held = _TurnHeld(ip, dask_pool, seconds=15)
+    try:
+        timer = threading.Timer(0.5, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+        timer.start()
+        with pytest.raises(KeyboardInterrupt) as info:
+            list(mpmagic.imap(abs, [-1, 2]))
+        timer.join()
+    finally:
+        held.open()
+    assert "none of its work had started" in str(info.value), info.value
+    assert "Dask tasks were cancelled" not in str(info.value), info.value
+
+
 def test_an_interrupted_queue_get_leaves_the_consumers_lock_free(dask_pool):
     """The same for a queue's consumers' lock: a Ctrl-C in the notebook's ``q.get()`` while
     another consumer held it (two round trips of each take) left a lease nobody refreshed,

@@ -1842,6 +1842,8 @@ class _DaskRun:
 
     def _submit(self, unit: Any) -> None:
         job = self.job
+        if self.handle is not None:
+            self.handle.units_sent = True  # (an interrupt's one line: work of it went out)
         key = f"mpmagic-{self.name}-{job.kind}{unit.id}-{next(_keys)}-{self.token}"
         msg = pack(job.message(unit))
         arg: Any = msg
