@@ -429,8 +429,16 @@ class DrivenRun(Run):
             self._pumped = True
         return True
 
+    #: ``cancel()`` was called: a driver in another thread (a background run's) ends the run at its next look.
+    cancel_requested = False
+
     def cancel(self, interrupted: bool = False, wait: bool = True) -> bool:
-        return False  # its driver stops it: the interrupt raised in ``wait`` cancelled its futures
+        """False: its driver stops it. The interrupt raised in ``wait`` cancelled its futures;
+        a background run's driver sees ``cancel_requested`` (``backends/dask.py``: a cell's
+        loop, and a run waiting for its turn) and ends it, and a map's job is told too
+        (``background._stop_driven``)."""
+        self.cancel_requested = True
+        return False
 
 
 class sigint_deferred:

@@ -437,10 +437,12 @@ def _interrupted(run: Any) -> KeyboardInterrupt:
         return interrupted(f"imap interrupted; its run {run.id} ({run.what}) had ended ({run.state})")
     from .pool import get_pool
 
+    engine_run = run._engine_run
     if get_pool().name == "local":
-        engine_run = run._engine_run
         done = (STOPPED_OUTCOME if engine_run is None or engine_run.workers_stopped
                 else IDLE_OUTCOME if engine_run.units_sent else NOT_STARTED_OUTCOME)
+    elif engine_run is not None and not engine_run.units_sent:  # (it waited for its turn: no task to speak of)
+        done = NOT_STARTED_OUTCOME
     else:
         done = ("its Dask tasks were cancelled; the workers running tasks already started are replaced on "
                 "mpmagic's own cluster, and finish them first on a cluster it did not start (later runs leave "

@@ -709,7 +709,12 @@ def run_items(
     """Run ``func`` over a chunk of items.
 
     Returns ``(results, seconds, error)``: ``error`` is ``(index, ErrorInfo)``
-    for the first failing item (its results so far are kept), or None. With
+    for the first failing item (its results so far are kept), or None.
+    ``seconds`` is the items' time without our capture of their failures (an
+    ErrorInfo: the traceback and its frames' locals, ~0.2 ms each, ~1 ms for a
+    deep stack), which a serial loop does not pay: the report's estimate of serial
+    time is the sum of these (2000 items, half failing: "serial ~189 ms (estimated)",
+    a 1.4x speedup claimed for a run a hundred times slower than serial's 1.1 ms). With
     ``collect`` a failing item's place holds its ErrorInfo and the chunk goes on.
     Any exception of an item is its error, ``SystemExit`` and ``KeyboardInterrupt``
     included (see :func:`_as_item_error`).
@@ -743,6 +748,7 @@ def run_items(
     else:
         pos = _view_of(position)
     calls = at_site(_call_items, site)
+    captures = 0.0  # (seconds spent capturing failures: not the task's time, see below)
     t0 = time.perf_counter()
     while len(results) < n:
         # When a call raises, the results so far are kept, so the failing item is
@@ -757,13 +763,15 @@ def run_items(
         except BaseException as raised:
             exc = _as_item_error(raised)
         i = len(results)
+        t1 = time.perf_counter()
         info = ErrorInfo(exc)
         if not collect:
-            return results, time.perf_counter() - t0, (i, info)
+            return results, t1 - t0 - captures, (i, info)
         results.append(info)
         if noted is not None:
             noted(i, info)
-    return results, time.perf_counter() - t0, None
+        captures += time.perf_counter() - t1
+    return results, time.perf_counter() - t0 - captures, None
 
 
 def _call_items(
@@ -870,22 +878,25 @@ def run_items_timed(
     results: list = []
     times: list[float] = []
     error: list[tuple[int, ErrorInfo]] = []
+    captures = [0.0]  # (seconds spent capturing failures: not the items' time, as in run_items)
+    clock = time.perf_counter
 
     def failed(i: int, exc: BaseException) -> bool:
         """Item ``i`` raised ``exc``: is the chunk over?"""
+        t1 = clock()
         info = ErrorInfo(_as_item_error(exc))
         if not collect:
             error.append((i, info))
-            return True
-        results.append(info)
-        if noted is not None:
-            noted(i, info)
-        return False
+        else:
+            results.append(info)
+            if noted is not None:
+                noted(i, info)
+        captures[0] += clock() - t1
+        return not collect
 
-    clock = time.perf_counter
     t0 = clock()
     at_site(_call_items_timed, site)(func, items, results, times, star, starmap, clock, position, started, failed)
-    return results, clock() - t0, error[0] if error else None, times
+    return results, clock() - t0 - captures[0], error[0] if error else None, times
 
 
 def _call_items_timed(

@@ -8,6 +8,7 @@ a wrong address, interrupts, restarts, the helpers and ``%pool dask``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib
 import logging
 import os
@@ -1113,6 +1114,147 @@ def test_an_interrupted_lock_acquire_takes_nothing_once_the_holder_releases(ip, 
     run(ip, "wanted.release()")
     for name in ("wanted", "holder"):
         ip.user_ns.pop(name)
+
+
+def test_a_sigint_another_thread_took_interrupts_the_notebooks_lock_and_event_waits_at_once(dask_pool):
+    """As the local pool's waits (test_engine): the kernel's interrupt is sent to the process,
+    and Linux may hand it to another thread (Dask's client has several). Python's handler ran
+    there, and the notebook's ``lock.acquire()`` or ``ev.wait()``, blocked in Dask's ``sync``
+    (a ``threading.Event.wait(10)``), raised its KeyboardInterrupt up to 10 s late. Nothing
+    is taken meanwhile: the lock is free again once its holder releases it."""
+    import pickle
+
+    from test_engine import _sigint_in_this_thread
+
+    wanted, unset = mpmagic.Lock(), mpmagic.Event()
+    holder = pickle.loads(pickle.dumps(wanted))
+    holder.acquire()
+    for wait in (wanted.acquire, unset.wait):
+        timer = threading.Timer(0.3, _sigint_in_this_thread)
+        t0 = time.monotonic()
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            wait()
+        timer.join()
+        assert time.monotonic() - t0 < 2.5, wait  # (before: 10 s, Dask's slice)
+    holder.release()
+    assert wanted.acquire(timeout=3) is True  # (the interrupted acquire left no lease behind)
+    wanted.release()
+
+
+class _TurnHeld:
+    """A background run holding the Dask backend's turn until :meth:`open` (or ``seconds``
+    later: what a run waiting behind it waited for before)."""
+
+    def __init__(self, ip, backend, seconds: float) -> None:
+        run(ip, "import mpmagic\nturn_gate = mpmagic.Event()\ndef gated(x):\n    turn_gate.wait(30)\n    return x\n")
+        self.ip, self.gate = ip, ip.user_ns["turn_gate"]
+        self.handle = run(ip, "mpmagic.submit(gated, range(1))")
+        self.opener = threading.Timer(seconds, self.gate.set)
+        deadline = time.monotonic() + 30
+        while backend._driving is None and time.monotonic() < deadline:  # (it holds the turn)
+            time.sleep(0.02)
+        self.opener.start()
+
+    def open(self) -> None:
+        self.gate.set()
+        self.opener.cancel()
+        assert self.handle.result(timeout=30) == [0]
+        for name in ("turn_gate", "gated"):
+            self.ip.user_ns.pop(name)
+
+
+def test_a_sigint_another_thread_took_interrupts_a_runs_wait_for_its_turn(ip, dask_pool):
+    """The same for a foreground run waiting behind a background one (on Dask runs take
+    turns): past its first second (the line that names the run it waits for) it waited on
+    the turn's lock with no limit, and a Ctrl-C another thread took was acted on only once
+    the background run ended (an hour's run: an hour)."""
+    from test_engine import _sigint_in_this_thread
+
+    held = _TurnHeld(ip, dask_pool, seconds=8)
+    try:
+        timer = threading.Timer(1.3, _sigint_in_this_thread)  # (past the 1 s wait before the line)
+        t0 = time.monotonic()
+        timer.start()
+        with capture_output(), pytest.raises(KeyboardInterrupt):
+            mpmagic.pmap(abs, [-1, 2])
+        timer.join()
+        assert time.monotonic() - t0 < 3, time.monotonic() - t0  # (before: 8 s, as the background run ended)
+    finally:
+        held.open()
+    assert mpmagic.pmap(abs, [-1, 2]) == [1, 2]
+
+
+def test_a_run_cancelled_while_it_waits_for_its_turn_is_cancelled_at_once(ip, dask_pool):
+    """As on the local pool: ``cancel()`` of a background run waiting behind another one
+    returns at once, the run cancelled. Its thread waited on the turn's lock with no limit
+    and saw the cancel only once it had the turn: ``cancel()`` waited its 10 s and returned
+    with the run still "running" (an imap's Ctrl-C waited as long), and the run ended when
+    the one before it did (an hour's run: an hour)."""
+    held = _TurnHeld(ip, dask_pool, seconds=15)
+    try:
+        behind = mpmagic.submit(abs, [-1, 2])
+        time.sleep(0.3)  # (its thread waits for the turn)
+        t0 = time.monotonic()
+        assert behind.cancel() is True
+        assert time.monotonic() - t0 < 2, time.monotonic() - t0  # (before: 10 s)
+        assert behind.wait(2) and behind.cancelled(), behind.state  # (before: "running" until the other ended)
+        with pytest.raises(concurrent.futures.CancelledError):
+            behind.result()
+    finally:
+        held.open()
+    assert mpmagic.pmap(abs, [-1, 2]) == [1, 2]
+
+
+def test_a_background_cell_is_cancelled_at_once_running_or_waiting_for_its_turn(ip, dask_pool):
+    """As a map (docs/dask.md: a cancel is back within 2 s): ``cancel()`` of a background
+    ``%%parallel`` on Dask did not stop it. Only a map's job took the cancel (its failure
+    set); the cell's loop went on until its ranks returned, so ``cancel()`` waited for them
+    (at most its 10 s, then returned with the run still "running"), and a cell waiting for
+    its turn ran once it had it."""
+    run(ip, "import mpmagic\ncell_gate = mpmagic.Event()")
+    cell = run(ip, "%%parallel --bg -n 2 -q\ncell_gate.wait(30)\nrank")
+    try:
+        deadline = time.monotonic() + 30
+        while dask_pool._driving is None and time.monotonic() < deadline:  # (it runs)
+            time.sleep(0.02)
+        time.sleep(0.5)  # (its ranks run: they wait on the gate)
+        t0 = time.monotonic()
+        assert cell.cancel() is True
+        assert time.monotonic() - t0 < 3, time.monotonic() - t0  # (before: 10 s, the run "running")
+        assert cell.cancelled(), cell.state
+    finally:
+        ip.user_ns["cell_gate"].set()  # (the given-up ranks' waits end by themselves within a second)
+    held = _TurnHeld(ip, dask_pool, seconds=15)
+    try:
+        waiting = run(ip, "%%parallel --bg -n 2 -q\nrank")
+        time.sleep(0.3)  # (its thread waits for the turn)
+        t0 = time.monotonic()
+        assert waiting.cancel() is True
+        assert time.monotonic() - t0 < 2, time.monotonic() - t0  # (before: 10 s)
+        assert waiting.cancelled(), waiting.state
+    finally:
+        held.open()
+    assert run(ip, "%%parallel -n 2 -q\nrank") == [0, 1]
+    ip.user_ns.pop("cell_gate")
+
+
+def test_an_imap_interrupted_before_its_turn_says_none_of_its_work_started(ip, dask_pool):
+    """As on the local pool: an imap behind a background run (runs take turns on Dask)
+    interrupted before its turn sent nothing, and its line said "its Dask tasks were
+    cancelled; the workers running tasks already started are replaced ...", of tasks it
+    never had."""
+    held = _TurnHeld(ip, dask_pool, seconds=15)
+    try:
+        timer = threading.Timer(0.5, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+        timer.start()
+        with pytest.raises(KeyboardInterrupt) as info:
+            list(mpmagic.imap(abs, [-1, 2]))
+        timer.join()
+    finally:
+        held.open()
+    assert "none of its work had started" in str(info.value), info.value
+    assert "Dask tasks were cancelled" not in str(info.value), info.value
 
 
 def test_an_interrupted_queue_get_leaves_the_consumers_lock_free(dask_pool):

@@ -79,7 +79,7 @@ from distributed.deploy.cluster import Cluster
 from .. import compat, context, exiting, payload_cache, posixshm, warmup, worker_setup
 from ..checks import check_real, check_whole, number_text, size_refused, whole
 from ..cpus import available_cpus
-from ..engine import DrivenRun
+from ..engine import SIGNAL_POLL, DrivenRun
 from ..errors import MPMagicError, UsageError, set_interrupt_outcome
 from ..fmt import func_name
 from ..protocol import Done, Error, Out, ProtocolError, Unpicklable, pack, unpack
@@ -1434,7 +1434,8 @@ class DaskBackend:
 
         def drive() -> None:
             __tracebackhide__ = True
-            self._take_turn(run)
+            if not self._take_turn(run):
+                return  # (cancelled while it waited for its turn: nothing sent, its job's failure says so)
             try:
                 self._driving = run
                 try:
@@ -1457,25 +1458,34 @@ class DaskBackend:
         handle (``engine.DrivenRun``), so one its caller never held has sent nothing."""
         return None
 
-    def _take_turn(self, run: DrivenRun) -> None:
-        """Acquire ``_run_lock`` for ``run``: runs take turns on this backend.
+    def _take_turn(self, run: DrivenRun) -> bool:
+        """Acquire ``_run_lock`` for ``run``: runs take turns on this backend. True once
+        taken; False, not taken, once ``run`` was cancelled while it waited.
 
         A foreground run that waits more than :data:`TURN_NOTICE` seconds for
         another run of this notebook says so in one line, naming that run (a
         quick ``%pmap`` behind an 8 s ``--bg`` run sat there for 8 s in silence),
         and its report counts the wait as one for workers busy with another run.
+        The rest of the wait is in slices of ``engine.SIGNAL_POLL``: a cancel of the
+        waiting run (``background.Run.cancel``: ``DrivenRun.cancel_requested``) ends it, as
+        does, in the main thread, a Ctrl-C another thread took. In one wait with no
+        limit, both came only once the run holding the turn had ended (an hour's
+        run: an hour; ``cancel()`` returned after its 10 s with the run "running").
         """
         __tracebackhide__ = True
         if self._run_lock.acquire(blocking=False):
-            return
+            return True
         t0 = time.monotonic()
         if run.background or not self._run_lock.acquire(timeout=TURN_NOTICE):
             if not run.background:
                 sys.stderr.write(f"mpmagic: this run waits for {self._describe(self._driving)} to end: on Dask the "
                                  "runs of one notebook take turns, one at a time (%pool runs lists the background ones, %pool cancel ID "
                                  "stops one; see docs/dask.md)\n")
-            self._run_lock.acquire()
+            while not self._run_lock.acquire(timeout=SIGNAL_POLL):
+                if run.cancel_requested or run.job.failure is not None:
+                    return False
         self._note_turn_wait(run, t0)
+        return True
 
     @staticmethod
     def _note_turn_wait(run: DrivenRun, t0: float) -> None:
@@ -1661,6 +1671,7 @@ class _DaskRun:
         # (MapJob.split): each is quarantined in turn as the job hands it out.
         self.suspects: set[int] = set()
         self.stops = backend.stops  # the backend's stops when this run began (see _check_cluster)
+        self.handle = backend._driving  # the run's handle (None: a run ``run`` drives), for its cancel
         self._no_workers_since: float | None = None  # since when the cluster has had no worker
         # Why this run's units cannot run (a collect map on a cluster whose workers all
         # left, none back in time): they fail as not run until a worker joins (_strand).
@@ -1710,6 +1721,7 @@ class _DaskRun:
             self._sweep()
             self._check_deadlines()
             if job.kind == "cell":
+                self._check_cancelled()
                 self._check_rank_workers()
                 self._check_ranks_started()
                 self._check_abort()
@@ -1830,6 +1842,8 @@ class _DaskRun:
 
     def _submit(self, unit: Any) -> None:
         job = self.job
+        if self.handle is not None:
+            self.handle.units_sent = True  # (an interrupt's one line: work of it went out)
         key = f"mpmagic-{self.name}-{job.kind}{unit.id}-{next(_keys)}-{self.token}"
         msg = pack(job.message(unit))
         arg: Any = msg
@@ -2331,6 +2345,14 @@ class _DaskRun:
                 self.tasks.pop(task.key, None)
                 self._cancel([task.future])
                 self.job.lost(task.unit, f"(Dask worker {task.target}) left the cluster while running it", worker_kept=True)
+
+    def _check_cancelled(self) -> None:
+        """A cell's background run was cancelled (``DrivenRun.cancel_requested``): it ends here,
+        its ranks given up as on an interrupt (``execute``). A map's job takes the cancel itself
+        (its failure: ``background._stop_driven``); a cell's loop went on until its ranks
+        returned, and ``cancel()`` waited 10 s, then left the run "running"."""
+        if self.handle is not None and self.handle.cancel_requested:
+            raise CancelledError("cancelled")
 
     def _check_abort(self) -> None:
         """A rank failed ``RANK_FAILURE_GRACE`` seconds ago and others still run (maybe

@@ -34,7 +34,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from .. import payload, waits
@@ -85,6 +85,34 @@ def _waited_in() -> tuple[str, ...]:
 def _interrupted(exc: BaseException) -> None:
     """A Ctrl-C in a helper's wait leaves with the caller's line alone (see :func:`_waited_in`)."""
     interrupted_at_callers_line(exc, _waited_in())
+
+
+def _on_the_clients_loop(loop: Any, func: Callable[..., Awaitable[Any]], **kwargs: Any) -> Any:
+    """``func(**kwargs)`` run on a Dask client's ``loop`` (its IOLoop), as Dask's ``sync`` runs
+    it, and its result; the notebook's main thread waits in slices (``engine.wait_in_slices``).
+
+    Dask's ``sync`` waits in ``threading.Event.wait(10)``. The kernel's interrupt is sent to the
+    process, and Linux may hand it to another thread (Dask's client runs several): Python's
+    handler ran there, and the notebook's ``lock.acquire()`` or ``ev.wait()`` raised its
+    KeyboardInterrupt only when that slice ended, up to 10 s late. An interrupt cancels the
+    call on the loop, as Dask's ``sync`` does."""
+    from ..engine import wait_in_slices  # (here: a task that unpickles a helper needs no engine)
+
+    if loop.asyncio_loop.is_closed():
+        raise RuntimeError("IOLoop is closed")  # (Dask's words for it: _pool_gone says it in ours)
+
+    async def call() -> Any:
+        return await func(**kwargs)
+
+    future = asyncio.run_coroutine_threadsafe(call(), loop.asyncio_loop)
+    ended = threading.Event()
+    future.add_done_callback(lambda _: ended.set())
+    try:
+        wait_in_slices(ended.wait)
+    except KeyboardInterrupt:
+        future.cancel()  # (on the loop: the scheduler's call is dropped, as Dask's sync drops it)
+        raise
+    return future.result()
 
 
 #: What closed each client a Dask pool closed, in the user's words (``%pool local``,
@@ -608,7 +636,9 @@ class DaskLock(_OnDask):
         (:func:`_given_up`: else it held its worker for as long as the lock stayed taken,
         for good if its holder was the interrupted notebook). Dask's lock keeps no queue
         of waiters (they retry), so a slice loses no place in line."""
-        if (limit is not None and limit <= self._SLICE) or _task_key() is None:
+        if _task_key() is None:  # (the notebook: one wait, a Ctrl-C acted on at once)
+            return bool(_on_the_clients_loop(self._lock.loop, self._lock._acquire, timeout=limit))
+        if limit is not None and limit <= self._SLICE:
             return bool(self._lock.acquire(timeout=limit))
         deadline = None if limit is None else time.monotonic() + limit
         while True:
@@ -948,8 +978,10 @@ class DaskEvent(_OnDask):
 
     def _wait(self, timeout: float | None) -> bool:
         with _pool_gone(self), _timed("Event") as call:
-            if _task_key() is None:  # (the notebook: no task to give up, one wait, as Dask's)
-                is_set = bool(self._event.wait(timeout))
+            if _task_key() is None:  # (the notebook: no task to give up, one wait, a Ctrl-C acted on at once)
+                client = self._event.client
+                is_set = bool(_on_the_clients_loop(client.loop, client.scheduler.event_wait, name=self.name,
+                                                   timeout=timeout))
                 call.ran_out = not is_set
                 return is_set
             since = time.monotonic()
