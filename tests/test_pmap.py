@@ -567,6 +567,8 @@ def test_a_script_whose_top_level_calls_pmap_runs_once(ip, tmp_path, monkeypatch
         assert "inside a worker" not in capsys.readouterr().err
     finally:
         sys.modules.pop("pipe_mod_rn", None)
+        for name in ("P", "f", "g", "RESULT", "PS", "OWN", "fh", "pipe_mod_rn"):  # (what %run -n put in the shell's names)
+            ip.user_ns.pop(name, None)
 
 
 def _hundred_kb(i: int) -> bytes:

@@ -1383,10 +1383,11 @@ def test_a_queue_size_too_large_for_its_header_is_one_line_naming_it():
     assert q.maxsize == sys.maxsize and not q.full() and q.get(timeout=5) == 1
 
 
-def test_dask_helpers_take_a_timeout_too_large_to_wait_on_as_no_limit():
+def test_dask_helpers_take_a_timeout_too_large_to_wait_on_as_no_limit(monkeypatch):
     """The Dask Queue, Lock and Event read their timeouts as the local ones do: ``10**400``
     reached ``distributed`` (or the deadline sum) as an int. No cluster needed: stand-ins
     record what Dask is asked to wait."""
+    from mpmagic.backends import dask_shared
     from mpmagic.backends.dask_shared import DaskEvent, DaskLock, DaskQueue, _wait_for
 
     asked: list = []
@@ -1409,8 +1410,28 @@ def test_dask_helpers_take_a_timeout_too_large_to_wait_on_as_no_limit():
         def qsize(self):
             return 1
 
+    class Client:  # (the notebook's waits run Dask's coroutines on its client's loop: _on_the_clients_loop)
+        loop = None
+
+        class scheduler:
+            @staticmethod
+            async def event_wait(name=None, timeout=None):
+                return True
+
+    class Held(Waits):  # (what DaskLock and DaskEvent hold: Dask's Lock and Event)
+        loop, client = None, Client
+
+        async def _acquire(self, timeout=None):
+            return True
+
+    def on_the_loop(loop, func, **kwargs):  # (asked in the notebook: Dask's coroutine and its timeout)
+        asked.append((func.__name__.lstrip("_").replace("event_", ""), kwargs["timeout"]))
+        return True
+
+    monkeypatch.setattr(dask_shared, "_on_the_clients_loop", on_the_loop)
     lock, event = object.__new__(DaskLock), object.__new__(DaskEvent)
-    lock._lock = event._event = Waits()
+    lock._lock = event._event = Held()
+    event.name = "ev"
     assert lock.acquire(timeout=HUGE) is True and event.wait(HUGE) is True
     class Room(Waits):
         def qsize(self):
