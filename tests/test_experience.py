@@ -829,7 +829,10 @@ def test_insights_of_a_chunk_stopped_on_a_later_item_keep_its_earlier_items_time
     # (0.1 s items under a 1 s timeout: 0.25 s ones under 0.5 s timed out once
     # in a full run on a loaded machine, a second stopped chunk)
     run(ip, "def late(x):\n    time.sleep(5 if x == 3 else 0.1)\n    return x\n")
-    run(ip, "%pmap -q --insights --errors collect --timeout 1 --chunksize 4 late, range(4)")
+    try:
+        run(ip, "%pmap -q --insights --errors collect --timeout 1 --chunksize 4 late, range(4)")
+    finally:  # (the session's one shell: test_worker_setup's setup defines a late() of its own)
+        ip.user_ns.pop("late", None)
     ins = mpmagic.last_report().insights
     top = ins.slowest[0]
     assert (top.index, top.fate) == (3, "timed out") and 0.99 <= top.seconds < 2.0, top
@@ -1126,6 +1129,11 @@ def said_once(ip, capsys, line: str, name: str, said: str) -> object:
     return value
 
 
+#: The notebook names test_state_a_function_accumulates_is_read_from_its_code binds.
+_ACCUMULATING_NAMES = ("TOTAL", "MODEL", "total", "spelled", "lazy", "last", "counter", "inc", "nth", "local",
+                       "Acc", "acc", "tally", "held", "put", "mod", "in_module", "count")
+
+
 def test_state_a_function_accumulates_is_read_from_its_code(ip):
     """What payload_cache.state_kept_apart reads: an augmented or self-referencing assignment
     to a global, a nonlocal or an attribute of the object a bound method or callable instance
@@ -1136,44 +1144,49 @@ def test_state_a_function_accumulates_is_read_from_its_code(ip):
     the map's items replace, a local, an unbound class's attribute say nothing."""
     from mpmagic.payload_cache import changes_words, state_kept_apart
 
-    run(ip, "import functools\nTOTAL, MODEL = 0, None\n"
-            "def total(x):\n    global TOTAL\n    TOTAL += x\n    return TOTAL\n"
-            "def spelled(k, x):\n    global TOTAL\n    TOTAL = TOTAL + k * x\n    return TOTAL\n"
-            "def lazy(x):\n    global MODEL\n    if MODEL is None:\n        MODEL = dict(a=1)\n    return x\n"
-            "def last(x):\n    global MODEL\n    print(MODEL)\n    MODEL = x * 2\n    return x\n"
-            "def counter():\n    n = 0\n    def inc(x):\n        nonlocal n\n        n += x\n        return n\n"
-            "    return inc\ninc = counter()\n"
-            "def nth(x, seen=[]):\n    seen.append(x)\n    return len(seen)\n"
-            "def local(x):\n    out = [0]\n    out.append(x)\n    n = 0\n    n += x\n    return out, n\n"
-            "class Acc:\n    def __init__(self):\n        self.n, self.items, self.cache = 0, [], None\n"
-            "    def add(self, x):\n        self.n += x\n        self.items.append(x)\n        return self.n\n"
-            "    def setup(self, x):\n        if self.cache is None:\n            self.cache = dict(a=x)\n"
-            "        return x\n"
-            "    def __call__(s, x):\n        s.n = s.n + x\n        return s.n\n"
-            "acc = Acc()\n"
-            "def tally(x):\n    acc.n += x\n    acc.items.append(x)\n    return acc.n\n"
-            "def held():\n    box = Acc()\n    def put(x):\n        box.n = box.n + x\n        return box.n\n"
-            "    return put\nput = held()\n"
-            "import types\nmod = types.ModuleType('mod')\nmod.n = 0\n"
-            "def in_module(x):\n    mod.n += x\n    return x\n"
-            "import mpmagic\ncounter = mpmagic.Value('i', 0)\n"
-            "def count(x):\n    with counter.get_lock():\n        counter.value += 1\n    return x\n")
-    ns = ip.user_ns
-    words = lambda f, positional=1: changes_words(state_kept_apart(f, positional))  # noqa: E731
-    assert words(ns["total"]) == "total changes the notebook's int `TOTAL` (TOTAL +=)"
-    assert words(ns["functools"].partial(ns["spelled"], 2)) == (
-        "spelled changes the notebook's int `TOTAL` (TOTAL = TOTAL + ...)")
-    assert words(ns["inc"]) == "inc changes the int `n` of its closure (n +=)"
-    assert words(ns["nth"]) == "nth changes the list `seen` of its defaults (seen.append)"
-    assert words(ns["acc"].add) == "Acc.add changes the notebook's Acc object `acc` (self.n +=, self.items.append)"
-    assert words(ns["acc"]) == "Acc.__call__ changes the notebook's Acc object `acc` (s.n = s.n + ...)"
-    assert words(ns["Acc"]().add) == "Acc.add changes its Acc object (self.n +=, self.items.append)"
-    assert words(ns["tally"]) == "tally changes the notebook's Acc object `acc` (acc.n +=, acc.items.append)"
-    assert words(ns["put"]) == "put changes the Acc object `box` of its closure (box.n = box.n + ...)"
-    for none in (ns["lazy"], ns["last"], ns["local"], ns["acc"].setup, ns["Acc"].add, ns["in_module"], ns["count"],
-                 abs, len):
-        assert state_kept_apart(none, 1) == [], none
-    assert state_kept_apart(ns["nth"], 2) == [] and state_kept_apart(ns["nth"], None) == []  # (the items give seen)
+    try:
+        run(ip, "import functools\nTOTAL, MODEL = 0, None\n"
+                "def total(x):\n    global TOTAL\n    TOTAL += x\n    return TOTAL\n"
+                "def spelled(k, x):\n    global TOTAL\n    TOTAL = TOTAL + k * x\n    return TOTAL\n"
+                "def lazy(x):\n    global MODEL\n    if MODEL is None:\n        MODEL = dict(a=1)\n    return x\n"
+                "def last(x):\n    global MODEL\n    print(MODEL)\n    MODEL = x * 2\n    return x\n"
+                "def counter():\n    n = 0\n    def inc(x):\n        nonlocal n\n        n += x\n        return n\n"
+                "    return inc\ninc = counter()\n"
+                "def nth(x, seen=[]):\n    seen.append(x)\n    return len(seen)\n"
+                "def local(x):\n    out = [0]\n    out.append(x)\n    n = 0\n    n += x\n    return out, n\n"
+                "class Acc:\n    def __init__(self):\n        self.n, self.items, self.cache = 0, [], None\n"
+                "    def add(self, x):\n        self.n += x\n        self.items.append(x)\n        return self.n\n"
+                "    def setup(self, x):\n        if self.cache is None:\n            self.cache = dict(a=x)\n"
+                "        return x\n"
+                "    def __call__(s, x):\n        s.n = s.n + x\n        return s.n\n"
+                "acc = Acc()\n"
+                "def tally(x):\n    acc.n += x\n    acc.items.append(x)\n    return acc.n\n"
+                "def held():\n    box = Acc()\n    def put(x):\n        box.n = box.n + x\n        return box.n\n"
+                "    return put\nput = held()\n"
+                "import types\nmod = types.ModuleType('mod')\nmod.n = 0\n"
+                "def in_module(x):\n    mod.n += x\n    return x\n"
+                "import mpmagic\ncounter = mpmagic.Value('i', 0)\n"
+                "def count(x):\n    with counter.get_lock():\n        counter.value += 1\n    return x\n")
+        ns = ip.user_ns
+        words = lambda f, positional=1: changes_words(state_kept_apart(f, positional))  # noqa: E731
+        assert words(ns["total"]) == "total changes the notebook's int `TOTAL` (TOTAL +=)"
+        assert words(ns["functools"].partial(ns["spelled"], 2)) == (
+            "spelled changes the notebook's int `TOTAL` (TOTAL = TOTAL + ...)")
+        assert words(ns["inc"]) == "inc changes the int `n` of its closure (n +=)"
+        assert words(ns["nth"]) == "nth changes the list `seen` of its defaults (seen.append)"
+        assert words(ns["acc"].add) == "Acc.add changes the notebook's Acc object `acc` (self.n +=, self.items.append)"
+        assert words(ns["acc"]) == "Acc.__call__ changes the notebook's Acc object `acc` (s.n = s.n + ...)"
+        assert words(ns["Acc"]().add) == "Acc.add changes its Acc object (self.n +=, self.items.append)"
+        assert words(ns["tally"]) == "tally changes the notebook's Acc object `acc` (acc.n +=, acc.items.append)"
+        assert words(ns["put"]) == "put changes the Acc object `box` of its closure (box.n = box.n + ...)"
+        for none in (ns["lazy"], ns["last"], ns["local"], ns["acc"].setup, ns["Acc"].add, ns["in_module"], ns["count"],
+                     abs, len):
+            assert state_kept_apart(none, 1) == [], none
+        assert state_kept_apart(ns["nth"], 2) == [] and state_kept_apart(ns["nth"], None) == []  # (the items give seen)
+    finally:  # (the session's one shell: a notebook name left here wins over a later test's %%pool setup
+        # of that name, as the notebook's value does: MODEL = None broke test_worker_setup's MODEL)
+        for name in _ACCUMULATING_NAMES:
+            ip.user_ns.pop(name, None)
 
 
 def test_a_map_that_accumulates_notebook_state_says_so_once(ip, pool2, capsys):
