@@ -123,6 +123,8 @@ def main() -> None:
     parser.add_argument("--chunksize", type=int, default=None, help="pmap's chunksize (2: one chunk)")
     parser.add_argument("--worker-stamps", action="store_true",
                         help="a fork pool, with the workers' reads and replies stamped too")
+    parser.add_argument("--idle", type=float, default=0.0, metavar="S",
+                        help="sleep S seconds before each call too (idle workers and CPUs, as between cells)")
     args = parser.parse_args()
     shell = InteractiveShell.instance()
     shell.run_cell("def sq(x):\n    return x * x\n", store_history=False)
@@ -143,6 +145,8 @@ def main() -> None:
     windows: list[tuple[int, int]] = []
     for _ in range(args.calls):
         gc.collect()
+        if args.idle:
+            time.sleep(args.idle)
         stamps.clear()
         t0 = time.perf_counter_ns()
         mpmagic.pmap(sq, [1, 2], chunksize=args.chunksize)
