@@ -369,7 +369,10 @@ class Report:
         return text
 
     def _speedup_text(self) -> str:
-        return f"speedup {fmt_speedup(self.speedup, measured=self.serial is not None)}"
+        measured = self.serial is not None
+        # (the estimate is then the tasks' CPU time, the lock's contention included: a bound)
+        bound = "at most " if not measured and self.waits_overlap and self.speedup is not None else ""
+        return f"speedup {bound}{fmt_speedup(self.speedup, measured=measured)}"
 
     def _chunk_text(self) -> str:
         """``auto: 1 item per chunk, 8 chunks`` from the planner's ``auto (1)`` or a fixed ``5``."""

@@ -753,7 +753,7 @@ def test_an_estimate_leaves_out_a_lock_wait_and_a_wait_for_a_core_once():
     assert r.waits_overlap and abs(r.estimated_serial - 0.122) < 1e-9
     assert ("less the 150.0 ms they waited on mpmagic.Value's lock and the 131.0 ms they waited for a core: "
             "4 workers on 2 cores, which overlap: only the 168.0 ms the tasks were off a CPU is left out, "
-            "so the estimate is their CPU time and may run high)") in r.line()
+            "so the estimate is their CPU time and may run high) | speedup at most ~1.4x") in r.line()
     # Waits that fit in the time off a CPU are left out whole, as before.
     apart = _report(**{**locked, "cpu_seconds": 0.005})
     assert not apart.waits_overlap and abs(apart.estimated_serial - 0.009) < 1e-9 and "overlap" not in apart.line()
