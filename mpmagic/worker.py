@@ -764,6 +764,7 @@ def run_items(
             exc = _as_item_error(raised)
         i = len(results)
         t1 = time.perf_counter()
+        worker_setup.note_notebook_value(exc, func)
         info = ErrorInfo(exc)
         if not collect:
             return results, t1 - t0 - captures, (i, info)
@@ -884,7 +885,9 @@ def run_items_timed(
     def failed(i: int, exc: BaseException) -> bool:
         """Item ``i`` raised ``exc``: is the chunk over?"""
         t1 = clock()
-        info = ErrorInfo(_as_item_error(exc))
+        exc = _as_item_error(exc)
+        worker_setup.note_notebook_value(exc, func)
+        info = ErrorInfo(exc)
         if not collect:
             error.append((i, info))
         else:

@@ -570,6 +570,9 @@ _set_globals_version = 0
 # The current ``%%pool setup`` cell's own builtins (its functions' ``__builtins__``, see :func:`_own_builtins`):
 # where its names go when the setup is removed, so that its functions still patched in somewhere find them.
 _shadow: dict[str, Any] | None = None
+# What the worker's setup is called in a task's note (:func:`note_notebook_value`): "%%pool setup" when
+# it is only that cell, else "worker setup" (an ``on_worker_start`` function's names among its own).
+_setup_called = "%%pool setup"
 
 
 def worker_id() -> int | str | None:
@@ -703,6 +706,8 @@ def _run_setup(ver: int, data: bytes | None, wid: Any) -> tuple[str | None, list
         return f"setup could not be loaded on worker {wid}: {debugging.exception_line(exc)}", []
     from . import context
 
+    global _setup_called
+    _setup_called = "%%pool setup" if all(e.kind == "code" for e in entries) else "worker setup"
     space = vars(builtins)
     before = dict(space)  # the builtins a setup may not replace, and what a refusal puts back
     patches: set[str] = set()  # names set as attributes of the module (`builtins.print = f`): patches, not names
@@ -1170,6 +1175,52 @@ def use_set_globals(func: Any, displaced: dict[str, Any] | None) -> dict[str, An
     for name in out:
         g[name] = _SET_GLOBALS[name]
     return out or None
+
+
+def note_notebook_value(exc: BaseException, func: Any) -> None:
+    """A task of the notebook function ``func`` raised ``exc``: when the notebook
+    function that raised it reads a name both the notebook and this worker's setup
+    define, add one line saying the value it read was the notebook's, and how to
+    read the setup's instead.
+
+    Why: cloudpickle sends the notebook's values of the names a function reads,
+    and those win over the setup's (as serially, where the notebook's function
+    reads the notebook's). A ``MODEL = None`` left in the notebook under a
+    ``%%pool setup`` loading ``MODEL`` failed with a bare ``TypeError: 'NoneType'
+    object is not subscriptable``. Only the raising frame's own global reads
+    count (the deepest frame running in ``func``'s globals): a function that
+    also sends such a name but failed elsewhere gets no note. Not the names the
+    setup's functions assigned with ``global``: the setup's values are those
+    (:func:`use_set_globals`). Called on failures only: nothing on success.
+    """
+    if not _installed and not _later:
+        return
+    g = _by_value_globals(func)
+    if g is None:
+        return
+    code = None
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_globals is g:
+            code = tb.tb_frame.f_code
+        tb = tb.tb_next
+    if code is None:
+        return
+    import dis
+
+    space = vars(builtins)
+    read = {i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
+    names = sorted(n for n in read if n in g and n in space and (n in _installed or n in _later)
+                   and n not in _SET_GLOBALS and not n.startswith("__"))
+    if not names:
+        return
+    shown = [(n, debugging._bounded_repr(g[n], 60)) for n in names]  # (a value's repr, cut: one line)
+    said = (f"{names[0]} here is the notebook's ({shown[0][1]})" if len(names) == 1
+            else " and ".join(f"{n} ({r})" for n, r in shown) + " here are the notebook's")
+    from .errors import add_note
+
+    add_note(exc, f"mpmagic: {said}, sent with the function, not the {_setup_called}'s: "
+                  f"del {', '.join(names)} in the notebook to use the setup's")
 
 
 def use_set_globals_in(names: dict[str, Any]) -> dict[str, Any]:

@@ -986,6 +986,35 @@ def test_a_notebook_name_still_wins_over_a_rebound_setup_global(ip, local_pool):
         ip.user_ns.pop("MODEL", None)
 
 
+def test_a_failing_task_reading_a_notebook_name_the_setup_also_defines_says_whose_it_was(ip, local_pool):
+    """The notebook's ``MODEL = None`` (bound after the setup too) is sent with the function
+    and wins over the setup's, as serially: a task failing on it said only ``TypeError:
+    'NoneType' object is not subscriptable``. Its error names whose ``MODEL`` it read; a
+    failure of a function reading no such name gets no note."""
+    run(ip, "%%pool setup\nMODEL = {'a': 1}\nOTHER = 2\n")
+    run(ip, "MODEL = None\nOTHER = 0")
+    try:
+        with pytest.raises(TypeError) as info:
+            run(ip, "%pmap -q lambda x: MODEL[x], ['a']")
+        assert [n for n in info.value.__notes__ if "setup's" in n] == [
+            "mpmagic: MODEL here is the notebook's (None), sent with the function, not the %%pool setup's: "
+            "del MODEL in the notebook to use the setup's"]
+        run(ip, "def _over(x):\n    return x / OTHER\ndef _f(x):\n    return _over(x) if MODEL is None else 0")
+        with pytest.raises(ZeroDivisionError) as info:
+            run(ip, "%pmap -q _f, [1]")
+        assert [n for n in info.value.__notes__ if "setup's" in n] == [
+            "mpmagic: OTHER here is the notebook's (0), sent with the function, not the %%pool setup's: "
+            "del OTHER in the notebook to use the setup's"]  # (the raising function's names: not _f's MODEL)
+        with pytest.raises(ZeroDivisionError) as info:
+            run(ip, "%pmap -q lambda x: x / 0, [1]")
+        assert not any("setup's" in n for n in getattr(info.value, "__notes__", ()))
+        run(ip, "del MODEL")
+        assert run(ip, "%pmap -q lambda x: MODEL[x], ['a']") == [1]
+    finally:
+        ip.user_ns.pop("MODEL", None)
+        ip.user_ns.pop("OTHER", None)
+
+
 def test_a_setup_function_declaring_a_builtin_global_is_refused_before_sending(ip, local_pool):
     """Its ``global sum; sum = 0`` would rebind the worker's builtin ``sum`` when a task calls it."""
     before = worker_setup.version()
