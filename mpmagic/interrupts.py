@@ -9,9 +9,13 @@ its whole message handler, and one raised there is only logged
 frontend waits for it. So, once a run was interrupted, SIGINTs in the next
 moment are taken as repeats of that interrupt and dropped. The guard lasts
 until ipykernel restores its own handler at the end of the request, the
-next run starts (or a wait on a background run's results: its first
-Ctrl-C is the user's, to act on), or a later SIGINT comes, which then goes
-to the handler that was there before.
+next run starts (or a wait on a background run's results, or a blocking
+wait in one of the shared helpers, ``Lock.acquire``, ``Event.wait``,
+``Queue.get`` / ``put``: its first Ctrl-C is the user's, to act on), or a
+later SIGINT comes, which then goes to the handler that was there before.
+Outside a kernel (a script, a bare IPython shell) nothing restores it at a
+request's end: the user's next code runs inside the window (a wait that is
+not mpmagic's, a plain ``time.sleep``, still loses a press made in it).
 
 This module imports no IPython.
 """
@@ -76,9 +80,10 @@ def absorb_late_interrupts(window: float = WINDOW) -> None:
 def restore() -> None:
     """Put back the handler the guard stood in front of, if it is still there.
 
-    Called when the next run starts, and when a wait on a background run's results
-    starts (``result()``, ``wait()``, an ``imap`` loop), so its own interrupt is never
-    taken for a repeat of the last one.
+    Called when the next run starts, when a wait on a background run's results
+    starts (``result()``, ``wait()``, an ``imap`` loop), and when a shared helper's
+    wait blocks (local and Dask: ``Lock.acquire``, ``Event.wait``, ``Queue.get`` /
+    ``put``), so its own interrupt is never taken for a repeat of the last one.
     """
     global _installed
     if _installed is None or threading.current_thread() is not threading.main_thread():

@@ -1142,6 +1142,36 @@ def test_a_sigint_another_thread_took_interrupts_the_notebooks_lock_and_event_wa
     wanted.release()
 
 
+@pytest.mark.parametrize("wait", ["Lock.acquire", "Event.wait", "Queue.get"])
+def test_the_first_ctrl_c_on_a_dask_helpers_wait_acts_even_just_after_an_interrupted_run(dask_pool, wait):
+    """As the local helpers' (test_shared): in the half second after an interrupted run,
+    whose presses are taken as repeats of it (interrupts.py), the notebook's first Ctrl-C
+    on ``lock.acquire()`` was dropped and the wait went on (the suite's ``-k interrupt``
+    run hung so, in the interrupted acquire of a held lock)."""
+    from mpmagic import interrupts
+
+    wanted, unset, empty = mpmagic.Lock(), mpmagic.Event(), mpmagic.Queue()
+    holder = pickle.loads(pickle.dumps(wanted))
+    holder.acquire()
+    blocked = {"Lock.acquire": lambda: wanted.acquire(timeout=5), "Event.wait": lambda: unset.wait(5),
+               "Queue.get": lambda: empty.get(timeout=5)}[wait]
+    interrupts.absorb_late_interrupts(30)  # (as an interrupted run leaves it, for long)
+    main = threading.main_thread().ident
+    timer = threading.Timer(0.2, lambda: signal.pthread_kill(main, signal.SIGINT))
+    try:
+        t0 = time.monotonic()
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            blocked()
+        assert time.monotonic() - t0 < 2.5, wait  # (before: it waited on, to its timeout)
+    finally:
+        timer.join()
+        interrupts.restore()
+        holder.release()
+    assert wanted.acquire(timeout=3) is True  # (the interrupted acquire left no lease behind)
+    wanted.release()
+
+
 class _TurnHeld:
     """A background run holding the Dask backend's turn until :meth:`open` (or ``seconds``
     later: what a run waiting behind it waited for before)."""

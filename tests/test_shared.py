@@ -1742,3 +1742,31 @@ def test_a_captured_multiprocessing_raw_value_names_the_mpmagic_helper(ip, any_m
     assert run(ip, "%pmap -q touch, range(2)") == [0, 1]
     assert run(ip, "raw.value if isinstance(raw, mpmagic.shared.SharedValue) else (raw.raw,) if raw._spec[0] == 'c' else tuple(raw)") in after
     drop(ip, "raw", "touch")
+
+
+@pytest.mark.parametrize("wait", ["Lock.acquire", "Event.wait", "Queue.get", "Queue.put"])
+def test_the_first_ctrl_c_on_a_helpers_wait_acts_even_just_after_an_interrupted_run(wait):
+    """Half a second after an interrupted run, presses are taken as repeats of it
+    (interrupts.py: in a kernel, they would land while it sends the cell's reply). In a
+    script or a bare IPython shell nothing ends that window, and a ``lock.acquire()``
+    made in it lost the user's first Ctrl-C (serial code: every press interrupts it)."""
+    from mpmagic import interrupts
+
+    lock, event, full = mpmagic.Lock(), mpmagic.Event(), mpmagic.Queue(maxsize=1)
+    full.put(0)
+    lock.acquire()
+    blocked = {"Lock.acquire": lambda: lock.acquire(timeout=2), "Event.wait": lambda: event.wait(2),
+               "Queue.get": lambda: mpmagic.Queue().get(timeout=2), "Queue.put": lambda: full.put(1, timeout=2)}[wait]
+    interrupts.absorb_late_interrupts(30)  # (as an interrupted run leaves it, for long)
+    main = threading.main_thread().ident
+    timer = threading.Timer(0.1, lambda: signal.pthread_kill(main, signal.SIGINT))
+    try:
+        t0 = time.monotonic()
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            blocked()
+        assert time.monotonic() - t0 < 0.9, wait  # (before: it waited on, to its timeout)
+    finally:
+        timer.join()
+        interrupts.restore()
+        lock.release()

@@ -40,6 +40,7 @@ from typing import Any
 from .. import payload, waits
 from ..checks import queue_maxsize, queue_size, wait_timeout
 from ..errors import MPMagicError, UsageError, interrupted_at_callers_line
+from ..interrupts import restore as restore_interrupts
 from ..shared import IterUntilClosed, QueueClosed
 from ..shared.base import current_backend
 
@@ -61,7 +62,10 @@ def _timed(kind: str) -> Iterator[_Call]:
     """The call's time counts as this thread's wait in a helper of ``kind`` (mpmagic.waits):
     on Dask each of these calls waits for the scheduler, at least one round trip. Unless
     the call ended by its own timeout (``queue.Empty``, ``queue.Full``, False: the caller
-    sets ``ran_out``): serial code waits as long, so that time is the task's work."""
+    sets ``ran_out``): serial code waits as long, so that time is the task's work.
+    A Ctrl-C in such a call is the user's, never a repeat of an earlier run's
+    (``interrupts.restore``)."""
+    restore_interrupts()
     t0 = time.monotonic()
     call = _Call()
     try:

@@ -35,6 +35,7 @@ from ..errors import (
     too_many_open_files,
 )
 from ..fmt import fmt_bytes
+from ..interrupts import restore as restore_interrupts
 
 try:
     _SemLock = compat.semlock_class()
@@ -239,7 +240,9 @@ def _wait(sem: Any, seconds: float, kind: str) -> bool:
     """Take a token from ``sem`` within ``seconds`` (interruptible by Ctrl-C).
 
     The time it blocked counts as this thread's wait in a helper of ``kind``
-    (:mod:`mpmagic.waits`: the report leaves it out of the work)."""
+    (:mod:`mpmagic.waits`: the report leaves it out of the work). A Ctrl-C here is
+    the user's, never a repeat of an earlier run's (``interrupts.restore``)."""
+    restore_interrupts()
     t0 = time.monotonic()
     try:
         return sem.acquire(True, max(0.0, seconds))
@@ -367,7 +370,8 @@ class _HolderLock:
     def _wait(self, timeout: float | None, kind: str | None = None) -> bool:
         """The lock was taken: wait for it (the only path that is timed, see mpmagic.waits,
         as ``kind``, else the lock's own; a wait that ends by its timeout is not: serial
-        code waits as long)."""
+        code waits as long). A Ctrl-C here is the user's (``interrupts.restore``)."""
+        restore_interrupts()
         t0 = time.monotonic()
         deadline = None if timeout is None else t0 + timeout
         ran_out = False
