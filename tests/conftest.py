@@ -113,6 +113,29 @@ def interrupted_cell(ip, code: str, after: float = 0.6, started: Any = None) -> 
     return cap.stdout + cap.stderr, result.error_in_exec
 
 
+def first_press_interrupts(blocked: Any, after: float, within: float) -> None:
+    """In the window an interrupted run leaves (``interrupts.absorb_late_interrupts``:
+    presses then are taken as repeats of it), call ``blocked()`` (a helper's wait) and press
+    Ctrl-C once, ``after`` seconds in (SIGINT to the main thread): it must raise
+    KeyboardInterrupt within ``within`` seconds, as serial code's wait does at once."""
+    import signal
+    import threading
+
+    from mpmagic import interrupts
+
+    interrupts.absorb_late_interrupts(30)  # (as an interrupted run leaves it, for long)
+    timer = threading.Timer(after, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    try:
+        t0 = time.monotonic()
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            blocked()
+        assert time.monotonic() - t0 < within  # (before: it waited on, to its timeout)
+    finally:
+        timer.join()
+        interrupts.restore()
+
+
 def collect_cycles_holding(lock) -> bool:
     """Run the cyclic gc in a thread that holds ``lock`` (a collection starts at any
     allocation, in whatever thread, holding whatever it holds): True if that thread

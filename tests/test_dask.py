@@ -28,6 +28,7 @@ from conftest import (
     DASK_WORKERS,
     check_lazy_inputs_equal_serial,
     ensure_pool,
+    first_press_interrupts,
     kill_in_its_second_item,
     run,
 )
@@ -1148,25 +1149,14 @@ def test_the_first_ctrl_c_on_a_dask_helpers_wait_acts_even_just_after_an_interru
     whose presses are taken as repeats of it (interrupts.py), the notebook's first Ctrl-C
     on ``lock.acquire()`` was dropped and the wait went on (the suite's ``-k interrupt``
     run hung so, in the interrupted acquire of a held lock)."""
-    from mpmagic import interrupts
-
     wanted, unset, empty = mpmagic.Lock(), mpmagic.Event(), mpmagic.Queue()
     holder = pickle.loads(pickle.dumps(wanted))
     holder.acquire()
     blocked = {"Lock.acquire": lambda: wanted.acquire(timeout=5), "Event.wait": lambda: unset.wait(5),
                "Queue.get": lambda: empty.get(timeout=5)}[wait]
-    interrupts.absorb_late_interrupts(30)  # (as an interrupted run leaves it, for long)
-    main = threading.main_thread().ident
-    timer = threading.Timer(0.2, lambda: signal.pthread_kill(main, signal.SIGINT))
     try:
-        t0 = time.monotonic()
-        timer.start()
-        with pytest.raises(KeyboardInterrupt):
-            blocked()
-        assert time.monotonic() - t0 < 2.5, wait  # (before: it waited on, to its timeout)
+        first_press_interrupts(blocked, after=0.2, within=2.5)
     finally:
-        timer.join()
-        interrupts.restore()
         holder.release()
     assert wanted.acquire(timeout=3) is True  # (the interrupted acquire left no lease behind)
     wanted.release()

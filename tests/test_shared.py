@@ -24,7 +24,7 @@ import traceback
 
 import numpy as np
 import pytest
-from conftest import collect_cycles_holding, ensure_pool, run
+from conftest import collect_cycles_holding, ensure_pool, first_press_interrupts, run
 
 import mpmagic
 from mpmagic import pool as pool_module
@@ -1750,23 +1750,12 @@ def test_the_first_ctrl_c_on_a_helpers_wait_acts_even_just_after_an_interrupted_
     (interrupts.py: in a kernel, they would land while it sends the cell's reply). In a
     script or a bare IPython shell nothing ends that window, and a ``lock.acquire()``
     made in it lost the user's first Ctrl-C (serial code: every press interrupts it)."""
-    from mpmagic import interrupts
-
     lock, event, full = mpmagic.Lock(), mpmagic.Event(), mpmagic.Queue(maxsize=1)
     full.put(0)
     lock.acquire()
     blocked = {"Lock.acquire": lambda: lock.acquire(timeout=2), "Event.wait": lambda: event.wait(2),
                "Queue.get": lambda: mpmagic.Queue().get(timeout=2), "Queue.put": lambda: full.put(1, timeout=2)}[wait]
-    interrupts.absorb_late_interrupts(30)  # (as an interrupted run leaves it, for long)
-    main = threading.main_thread().ident
-    timer = threading.Timer(0.1, lambda: signal.pthread_kill(main, signal.SIGINT))
     try:
-        t0 = time.monotonic()
-        timer.start()
-        with pytest.raises(KeyboardInterrupt):
-            blocked()
-        assert time.monotonic() - t0 < 0.9, wait  # (before: it waited on, to its timeout)
+        first_press_interrupts(blocked, after=0.1, within=0.9)
     finally:
-        timer.join()
-        interrupts.restore()
         lock.release()
