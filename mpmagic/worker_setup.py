@@ -1177,6 +1177,14 @@ def use_set_globals(func: Any, displaced: dict[str, Any] | None) -> dict[str, An
     return out or None
 
 
+@functools.lru_cache(maxsize=64)  # (each failing item of a collect map asks again: its code's reads once)
+def _global_reads(code: types.CodeType) -> frozenset[str]:
+    """The global names ``code`` reads (its ``LOAD_GLOBAL`` / ``LOAD_NAME`` instructions)."""
+    import dis
+
+    return frozenset(i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME"))
+
+
 def note_notebook_value(exc: BaseException, func: Any) -> None:
     """A task of the notebook function ``func`` raised ``exc``: when the notebook
     function that raised it reads a name both the notebook and this worker's setup
@@ -1206,10 +1214,8 @@ def note_notebook_value(exc: BaseException, func: Any) -> None:
         tb = tb.tb_next
     if code is None:
         return
-    import dis
-
     space = vars(builtins)
-    read = {i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
+    read = _global_reads(code)
     names = sorted(n for n in read if n in g and n in space and (n in _installed or n in _later)
                    and n not in _SET_GLOBALS and not n.startswith("__"))
     if not names:
