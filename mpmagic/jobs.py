@@ -259,6 +259,27 @@ def add_waits(total: dict[str, float], unit: Any) -> None:
             total[kind] = total.get(kind, 0.0) + float(seconds)
 
 
+def take_unit_meta(job: MapJob | CellJob, unit: Unit, seconds: float, meta: dict | None) -> None:
+    """Add what a worker said of a finished unit (``meta``: its CPU and run-queue
+    seconds, time blocked in mpmagic's helpers, one-time costs, notes for the
+    notebook, its span) to ``job``'s totals, the same for a map's unit and a
+    cell's rank, and hand the unit to the run's insights."""
+    if meta:
+        if "cpu" in meta:
+            job.cpu_seconds = (job.cpu_seconds or 0.0) + meta["cpu"]
+        if "runq" in meta:
+            job.runq_seconds = (job.runq_seconds or 0.0) + meta["runq"]
+        if "helper_wait" in meta:
+            add_waits(job.helper_wait, meta["helper_wait"])
+        job.one_time.note(meta)
+        if "notes" in meta:
+            say_notes(meta["notes"], job._notes_said, job._out)
+        if "end" in meta and len(job.spans) < MAX_SPANS:
+            job.spans.append((meta["start"], meta["end"]))
+    if job.insights is not None:
+        job.insights.chunk(unit, seconds, meta)
+
+
 @dataclass
 class Failed:
     """Stands in the results, with ``errors="collect"``, for an item that failed.
@@ -1033,20 +1054,7 @@ class MapJob:
         # max_bytes of results too (10 MB results made time-sized chunks of 58 items,
         # and an imap's buffer of such chunks held 1.2 GB; report migrate14 finding 6).
         self.planner.note_bytes(unit.count, len(data))
-        if meta:
-            if "cpu" in meta:
-                self.cpu_seconds = (self.cpu_seconds or 0.0) + meta["cpu"]
-            if "runq" in meta:
-                self.runq_seconds = (self.runq_seconds or 0.0) + meta["runq"]
-            if "helper_wait" in meta:
-                add_waits(self.helper_wait, meta["helper_wait"])
-            self.one_time.note(meta)
-            if "notes" in meta:
-                say_notes(meta["notes"], self._notes_said, self._out)
-            if "end" in meta and len(self.spans) < MAX_SPANS:
-                self.spans.append((meta["start"], meta["end"]))
-        if self.insights is not None:
-            self.insights.chunk(unit, seconds, meta)
+        take_unit_meta(self, unit, seconds, meta)
         try:
             results = payload.loads(data)
         except Exception as exc:
@@ -1857,20 +1865,7 @@ class CellJob:
     def done(self, unit: Unit, data: bytes, seconds: float, meta: dict | None = None) -> None:
         self.outstanding.pop(unit.id, None)
         self.bytes_back += len(data)
-        if meta:
-            if "cpu" in meta:
-                self.cpu_seconds = (self.cpu_seconds or 0.0) + meta["cpu"]
-            if "runq" in meta:
-                self.runq_seconds = (self.runq_seconds or 0.0) + meta["runq"]
-            if "helper_wait" in meta:
-                add_waits(self.helper_wait, meta["helper_wait"])
-            self.one_time.note(meta)
-            if "notes" in meta:
-                say_notes(meta["notes"], self._notes_said, self._out)
-            if "end" in meta and len(self.spans) < MAX_SPANS:
-                self.spans.append((meta["start"], meta["end"]))
-        if self.insights is not None:
-            self.insights.chunk(unit, seconds, meta)
+        take_unit_meta(self, unit, seconds, meta)
         try:
             self.values[unit.id], self.gathered[unit.id] = payload.loads(data)
         except Exception as exc:
