@@ -32,7 +32,8 @@ Messages (``protocol.py``): a local worker gets ``Setup(version, payload)``
 (``payload`` None: remove the names of an earlier setup) and answers
 ``SetupDone(version, worker, error, names, output, random_state)``: ``error``
 is None or one line naming the setup line that raised, ``output`` what the
-setup printed (shown by ``%%pool setup``, labelled by worker),
+setup printed (shown by ``%%pool setup``, labelled by worker; a later worker's
+in the cell of the run that waits for it, :func:`take_output`),
 ``random_state`` fingerprints of the random generators the setup changed
 (two workers alike draw the same numbers: one line says so). The pool's manager thread
 sends and records them; applying a setup to the current pool from the
@@ -1274,10 +1275,11 @@ def note_notebook_value_in_cell(exc: BaseException, ns: dict[str, Any], sent: di
     _note_hidden(exc, ns, sent, "cell")
 
 
-def _note_hidden(exc: BaseException, g: dict[str, Any], sent: Any, what: str) -> None:
+def _note_hidden(exc: BaseException, g: dict[str, Any], sent: dict[str, Any], what: str) -> None:
     """Add :func:`note_notebook_value`'s line to ``exc`` for the names the deepest raising
     frame running in globals ``g`` reads, that are the notebook's (in ``sent``, sent with
-    the ``what``: "function" or "cell") and this worker's setup's too."""
+    the ``what``: "function" or "cell", and still that value: not rebound by the cell)
+    and this worker's setup's too."""
     code = None
     tb = exc.__traceback__
     while tb is not None:
@@ -1288,7 +1290,8 @@ def _note_hidden(exc: BaseException, g: dict[str, Any], sent: Any, what: str) ->
         return
     space = vars(builtins)
     read = _global_reads(code)
-    names = sorted(n for n in read if n in g and n in sent and n in space and (n in _installed or n in _later)
+    names = sorted(n for n in read if n in g and n in sent and g[n] is sent[n]  # (not one the cell bound itself)
+                   and n in space and (n in _installed or n in _later)
                    and n not in _SET_GLOBALS and not n.startswith("__"))
     if not names:
         return

@@ -1481,9 +1481,11 @@ def test_a_failing_rank_reading_a_notebook_name_the_setup_also_defines_says_whos
             assert [n for n in exc.__notes__ if "setup's" in n] == [
                 "mpmagic: MODEL here is the notebook's (None), sent with the cell, not the %%pool setup's: "
                 "del MODEL in the notebook to use the setup's"]
-        with pytest.raises(mpmagic.ParallelError) as info:  # (a failure reading no such name: no note)
-            run(ip, "%%parallel -n 2 -q\nrank / 0")
-        assert not any("setup's" in n for exc in info.value.failures.values() for n in getattr(exc, "__notes__", ()))
+        for cell in ("rank / 0", "MODEL = 0\nMODEL['a']"):  # (no such name read; the cell's own MODEL: no note)
+            with pytest.raises(mpmagic.ParallelError) as info:
+                run(ip, "%%parallel -n 2 -q\n" + cell)
+            assert not any("setup's" in n for exc in info.value.failures.values()
+                           for n in getattr(exc, "__notes__", ()))
         run(ip, "del MODEL")
         assert list(run(ip, "%%parallel -n 2 -q\nMODEL['a']")) == [1, 1]
     finally:
