@@ -408,9 +408,15 @@ def take_output(reply: SetupDone) -> str | None:
     else returned for the caller to show in the cell of the run that started or uses
     that worker (a replacement, a resize, a cell's temporary worker: their setup's
     output was dropped before). None: nothing printed, or collected here."""
-    if not reply.output:
+    return take_printed(reply.worker, reply.output)
+
+
+def take_printed(wid: Any, output: str) -> str | None:
+    """:func:`take_output` of what worker ``wid``'s setup printed (``output``; also what a
+    worker that died in its setup had printed, read from its tail)."""
+    if not output:
         return None
-    text = labelled(reply.worker, reply.output)
+    text = labelled(wid, output)
     with _lock:
         if _quiet:
             _outputs.append(text)
@@ -699,10 +705,15 @@ def reseed_fresh() -> None:
             log.debug("torch not reseeded", exc_info=True)
 
 
-def run_setup(ver: int, data: bytes | None, wid: Any) -> SetupDone:
-    """Run a setup payload in this worker; the ``SetupDone`` reply (error line, names, output)."""
+def run_setup(ver: int, data: bytes | None, wid: Any, copy: Callable[[str, str], bool] | None = None) -> SetupDone:
+    """Run a setup payload in this worker; the ``SetupDone`` reply (error line, names, output).
+
+    ``copy``: also given each write of the setup's output (a local worker's tail in shared
+    memory, ``worker._Tail.add``), for the notebook to show if the worker dies before it
+    replies (``LocalBackend._show_setup_tail``)."""
     held: list[str] = []
-    out, err = worker_logging.SetupStream("stdout", held), worker_logging.SetupStream("stderr", held)
+    out = worker_logging.SetupStream("stdout", held, copy)
+    err = worker_logging.SetupStream("stderr", held, copy)
     before = random_fingerprints()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -1539,3 +1539,27 @@ def test_a_run_whose_items_wait_for_a_setup_killed_from_outside_gets_them_all(ip
     assert out == [1 + x for x in range(8)]
     err = capsys.readouterr().err
     assert err.count("was killed by SIGKILL while running the worker setup") == 1, err
+
+
+def test_what_a_setup_printed_before_its_worker_died_is_shown(ip, local_pool, tmp_path, capsys):
+    """A worker that died while running the setup took what the setup had printed with it
+    (held for its SetupDone): the lines that say how far it got ("loading weights...").
+    They are shown labelled by worker, before the line of its death: a setup that exits,
+    as it would print serially before the exit; and one killed from outside."""
+    with pytest.raises(mpmagic.MPMagicError, match="died while running it"):
+        run(ip, "%%pool setup\nimport os, sys\nprint('loading weights')\nprint('half', file=sys.stderr)\n"
+                "sys.stdout.flush()\nos._exit(7)\n")
+    out = capsys.readouterr().out
+    said = re.findall(r"^\[worker (\d+)\] (.*)$", out, re.M)
+    assert said and all(text in ("loading weights", "half") for _, text in said), out
+    assert [text for _, text in said][:2] == ["loading weights", "half"], out
+    run(ip, "%pool setup clear")
+    run(ip, "%%pool setup\nprint('loading')\n" + _blocking_setup(tmp_path))
+    (tmp_path / "block").touch()
+    os.kill(local_pool.slots[0].pid, signal.SIGKILL)
+    killed = _kill_in_its_setup(tmp_path)
+    capsys.readouterr()
+    assert list(run(ip, "%%parallel -n 2 -q\nMODEL + rank")) == [1, 2]
+    shown = capsys.readouterr()
+    assert _setup_lines(shown.out, killed) == [f"[worker {killed}] loading"], shown
+    assert shown.err.count(f"worker {killed} was killed by SIGKILL while running the worker setup") == 1, shown

@@ -2527,13 +2527,36 @@ class LocalBackend:
         except Exception:  # (never a reason to fail the manager)
             log.debug("mpmagic: could not show what worker %s held of its output", slot.wid, exc_info=True)
 
+    def _show_setup_tail(self, slot: _Slot) -> None:
+        """What the setup a worker died in had printed (its tail: the worker copies the
+        setup's writes there, ``worker_setup.run_setup``), labelled ``[worker N]`` as the
+        setup's output is, where that would have been shown (``_say_setup_output``; an
+        explicit ``%%pool setup`` collects it). It went with the worker, though it says
+        how far the setup got ("loading weights..." before a crash or a kill)."""
+        if slot.tail is None:
+            return
+        try:
+            text = "".join(t for _, t in worker.read_tail(slot.tail))
+        except Exception:  # (never a reason to fail the manager)
+            log.debug("mpmagic: could not read what worker %s's setup printed", slot.wid, exc_info=True)
+            return
+        printed = worker_setup.take_printed(slot.wid, text)
+        if printed:
+            self._say_setup_output(slot, printed)
+
     def _lost(self, slot: _Slot) -> None:
         """A worker died: blame its running unit, send the queued ones again."""
         if slot.killed:  # (replaced already, while its messages were read: see _no_files)
             return
         slot.proc.join(0.1)
         shm.sweep_worker(slot.pid)  # results it made but never handed over
-        self._show_tail(slot)  # what its task printed last, before the line that blames it
+        # Its units waited behind the setup it was running (a setup ahead of them all): their
+        # error says so, not as if the item had been running; what it printed is the setup's.
+        in_setup = bool(slot.setups_ahead and slot.setups_ahead[0] == 0 and slot.setups_real and slot.setups_real[0])
+        if in_setup:
+            self._show_setup_tail(slot)
+        else:
+            self._show_tail(slot)  # what its task printed last, before the line that blames it
         code = slot.proc.exitcode
         # It could not start its threads (ulimit -u): not replaced. Only a worker
         # that never said it was ready: its threads start before that, and a task
@@ -2556,9 +2579,6 @@ class LocalBackend:
         slot.inflight.clear()
         # A start-up death right after an interrupt is that interrupt, not a broken setup.
         interrupted = time.monotonic() - self._interrupted_at < 5
-        # Its units waited behind the setup it was running (a setup ahead of them all): their
-        # error says so, not as if the item had been running.
-        in_setup = bool(slot.setups_ahead and slot.setups_ahead[0] == 0 and slot.setups_real and slot.setups_real[0])
         if slot.setup_sent and slot.setup_sent == worker_setup.version() and not interrupted:
             # Its setup killed it (or a kill from outside did: the setup stays, worker_setup.died).
             line = worker_setup.died((self.pool_key, slot.wid), slot.wid, reason, code)
