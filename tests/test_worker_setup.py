@@ -1420,22 +1420,25 @@ def _blocking_setup(tmp_path: Any) -> str:
     """A setup that, while ``tmp_path/block`` exists, writes its pid to ``tmp_path/pid<worker>``
     and waits for the file to go: a worker to kill while it runs the setup."""
     return (f"import os, time, pathlib, mpmagic\n_dir = pathlib.Path({str(tmp_path)!r})\n"
-            "if (_dir / 'block').exists():\n"
-            "    (_dir / f'pid{mpmagic.worker_id()}').write_text(str(os.getpid()))\n"
+            "if (_dir / 'block').exists():\n"  # (written whole, then renamed: never read half written)
+            "    (_dir / f'.pid{mpmagic.worker_id()}').write_text(str(os.getpid()))\n"
+            "    os.replace(_dir / f'.pid{mpmagic.worker_id()}', _dir / f'pid{mpmagic.worker_id()}')\n"
             "    while (_dir / 'block').exists():\n        time.sleep(0.01)\nMODEL = 1\n")
 
 
 def _kill_in_its_setup(tmp_path: Any) -> int:
     """SIGKILL the first worker found running :func:`_blocking_setup` (its pid file), then let
     the setup go on in later workers; the killed worker's id."""
-    deadline = time.monotonic() + 60
-    while not list(tmp_path.glob("pid*")):
-        assert time.monotonic() < deadline, "no worker ran the setup"
-        time.sleep(0.01)
-    found = next(iter(tmp_path.glob("pid*")))
-    os.kill(int(found.read_text()), signal.SIGKILL)
-    (tmp_path / "block").unlink()
-    return int(found.name[3:])
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob("pid*")):
+            assert time.monotonic() < deadline, "no worker ran the setup"
+            time.sleep(0.01)
+        found = next(iter(tmp_path.glob("pid*")))
+        os.kill(int(found.read_text()), signal.SIGKILL)
+        return int(found.name[3:])
+    finally:
+        (tmp_path / "block").unlink(missing_ok=True)  # (the setup goes on in later workers, also on a failure)
 
 
 def test_a_worker_killed_from_outside_while_it_runs_the_setup_leaves_the_setup_on(ip, local_pool, tmp_path, capsys):
