@@ -23,7 +23,7 @@ from typing import Any
 
 from . import astlock
 from .errors import cell_origin, newline_ended, remember_cell_origin
-from .worker_setup import use_set_globals_in
+from .worker_setup import note_notebook_value_in_cell, use_set_globals_in
 
 log = logging.getLogger("mpmagic")
 
@@ -391,8 +391,14 @@ def run_cell_code(
             exec(code, ns)
         except BaseException as exc:
             stopped_at = _line_raised_at(exc, code)
+            # A notebook name sent with the cell hid the worker setup's: say so (as a map task's error does).
+            note_notebook_value_in_cell(exc, ns, spec.names)
             raise
-        value = eval(astlock.compile_tree(last, filename, "eval", spec.future_flags), ns) if last is not None else None
+        try:
+            value = eval(astlock.compile_tree(last, filename, "eval", spec.future_flags), ns) if last is not None else None
+        except BaseException as exc:
+            note_notebook_value_in_cell(exc, ns, spec.names)
+            raise
     finally:
         if saved_main is not None:
             sys.modules["__main__"] = saved_main

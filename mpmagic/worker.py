@@ -1475,8 +1475,15 @@ class _Worker:
 
                 seeding.restore()  # (a --seed call's streams end here: the setup seeds what the worker had)
 
-                self.channel.send(context.keep_setup_changes(
-                    functools.partial(run_setup, msg.version, msg.payload, self.worker_id)))
+                # (what it prints is copied into the tail too: the notebook shows it if the setup kills us)
+                tail = self.out.held.tail
+                try:
+                    reply = context.keep_setup_changes(functools.partial(
+                        run_setup, msg.version, msg.payload, self.worker_id, tail.add if tail is not None else None))
+                finally:
+                    if tail is not None:
+                        tail.reset(self.out.held.pieces)  # (its copies out: only what the streams still hold)
+                self.channel.send(reply)
             elif kind is Stop:
                 return
             else:

@@ -68,6 +68,7 @@ import itertools
 import json
 import linecache
 import logging
+import os
 import pickle
 import re
 import sys
@@ -347,13 +348,19 @@ class SetupStream(io.TextIOBase):
     console handlers (see :func:`_printed_by_setup`).
     """
 
-    def __init__(self, name: str, held: list[str]) -> None:
+    def __init__(self, name: str, held: list[str], copy: Callable[[str, str], bool] | None = None) -> None:
         self._name = name  # "stdout" or "stderr"
         self._held: list[str] | None = held  # shared by both streams (kept in the order written)
+        # A copy of each write the notebook reads if the worker dies before its SetupDone (a local
+        # worker's tail, ``worker._Tail.add``: False once it is full): what the setup printed before an
+        # exit or a kill went with the worker. Only this process's writes (not a child it forks).
+        self._copy = copy
+        self._pid = os.getpid()
 
     def release(self) -> None:
         """The setup has run: later writes go to the process's stream."""
         self._held = None
+        self._copy = None
 
     def _target(self) -> Any:
         target = getattr(sys, self._name)
@@ -377,6 +384,9 @@ class SetupStream(io.TextIOBase):
         held = self._held
         if held is not None:
             held.append(s)
+            copy = self._copy
+            if copy is not None and (os.getpid() != self._pid or not copy(self._name, s)):
+                self._copy = None  # (full, or a forked child's write: no more copies)
             return len(s)
         return self._target().write(s)
 

@@ -32,7 +32,8 @@ Messages (``protocol.py``): a local worker gets ``Setup(version, payload)``
 (``payload`` None: remove the names of an earlier setup) and answers
 ``SetupDone(version, worker, error, names, output, random_state)``: ``error``
 is None or one line naming the setup line that raised, ``output`` what the
-setup printed (shown by ``%%pool setup``, labelled by worker),
+setup printed (shown by ``%%pool setup``, labelled by worker; a later worker's
+in the cell of the run that waits for it, :func:`take_output`),
 ``random_state`` fingerprints of the random generators the setup changed
 (two workers alike draw the same numbers: one line says so). The pool's manager thread
 sends and records them; applying a setup to the current pool from the
@@ -68,6 +69,7 @@ import linecache
 import logging
 import os
 import random
+import signal
 import sys
 import threading
 import traceback
@@ -128,6 +130,7 @@ def _changed() -> None:
     global _version
     _version += 1
     _reported.clear()
+    _killed_in_a_row.clear()
     _random_states.clear()
     _names.clear()
 
@@ -394,6 +397,33 @@ def explicit() -> Iterator[list[str]]:
             _quiet = False
 
 
+def labelled(wid: Any, output: str) -> str:
+    """What a worker's setup printed, each line labelled ``[worker N]``, as ``%%pool setup`` shows it."""
+    return "".join(f"[worker {wid}] {line}\n" for line in output.splitlines())
+
+
+def take_output(reply: SetupDone) -> str | None:
+    """What the setup printed in this worker (``reply.output``), labelled by worker:
+    collected for an explicit ``%%pool setup`` waiting now (it shows it, :func:`explicit`),
+    else returned for the caller to show in the cell of the run that started or uses
+    that worker (a replacement, a resize, a cell's temporary worker: their setup's
+    output was dropped before). None: nothing printed, or collected here."""
+    return take_printed(reply.worker, reply.output)
+
+
+def take_printed(wid: Any, output: str) -> str | None:
+    """:func:`take_output` of what worker ``wid``'s setup printed (``output``; also what a
+    worker that died in its setup had printed, read from its tail)."""
+    if not output:
+        return None
+    text = labelled(wid, output)
+    with _lock:
+        if _quiet:
+            _outputs.append(text)
+            return None
+    return text
+
+
 def record(worker: Any, reply: SetupDone) -> str | None:
     """A worker's answer to a ``Setup`` message.
 
@@ -406,14 +436,13 @@ def record(worker: Any, reply: SetupDone) -> str | None:
         if len(_status) > _STATUS_KEPT:
             del _status[next(iter(_status))]
         if reply.version == _version and not reply.error:  # the files it imported are as they are now
+            _killed_in_a_row.pop(_version, None)  # (a worker finished it: the kills before were no loop)
             stamps = _loaded.setdefault(worker, {})
             for path in module_files():
                 if path not in stamps:
                     stamps[path] = _stamp(path)
             if len(_loaded) > _STATUS_KEPT:
                 del _loaded[next(iter(_loaded))]
-        if reply.output and _quiet:  # an explicit %%pool setup: show what it printed, per worker
-            _outputs.append("".join(f"[worker {reply.worker}] {line}\n" for line in reply.output.splitlines()))
         if reply.error:
             log.debug("worker %s: %s", worker, reply.error)
         if reply.version != _version:
@@ -458,8 +487,17 @@ def _same_random_state(reply: SetupDone) -> str | None:
 
 _killed_by: dict[int, str] = {}  # setup version -> the line of the first worker it killed
 
+# Signals that end a process from outside it: a user's ``kill``, the kernel's OOM killer, a stop.
+# A worker ending so while it runs the setup is no failure of the setup (see :func:`died`).
+OUTSIDE_SIGNALS = frozenset({signal.SIGKILL, signal.SIGTERM, signal.SIGHUP})
+# Workers killed so while running the current setup, in a row (none finishing it between), that
+# switch it off after all: each replacement killed in it again (out of memory while loading a
+# model too big, a setup that SIGKILLs itself) is its doing, and would loop for ever.
+KILLED_IN_A_ROW = 3
+_killed_in_a_row: dict[int, int] = {}  # setup version -> such deaths since a worker last finished it
 
-def died(worker: Any, wid: Any, reason: str) -> str | None:
+
+def died(worker: Any, wid: Any, reason: str, exitcode: int | None = None) -> str | None:
     """A worker died after it was sent the current setup and before it answered.
 
     The setup killed it (``os._exit``, a crash in a library it loads): from
@@ -467,12 +505,35 @@ def died(worker: Any, wid: Any, reason: str) -> str | None:
     in a loop), they are marked as failed with this line, and a ``%%pool
     setup`` waiting for the answers ends with it. Returns the line to show
     (once), as :func:`record`.
+
+    Not when a signal from outside ended it (``exitcode`` -SIGKILL, -SIGTERM,
+    -SIGHUP: :data:`OUTSIDE_SIGNALS`): a ``kill`` of a worker that happened to
+    be setting up switched the setup off for every later worker, which ran
+    without it (NameError in their tasks). The setup stays in force and its
+    replacement runs it; the line returned says so (collected instead while an
+    explicit ``%%pool setup`` waits, which then waits for the replacement).
+    Only :data:`KILLED_IN_A_ROW` such deaths in a row, no worker finishing the
+    setup between, count as the setup's own, as one exit does.
     """
     with _lock:
         if _version == 0 or not _entries or _status.get(worker, (None,))[0] == _version:
             return None  # no setup, or it had answered: a death of its own (a task's), not the setup's
+        row = ""
+        if exitcode is not None and exitcode < 0 and -exitcode in OUTSIDE_SIGNALS:
+            n = _killed_in_a_row[_version] = _killed_in_a_row.get(_version, 0) + 1
+            name = signal.Signals(-exitcode).name
+            if n < KILLED_IN_A_ROW and _version not in _killed_by:
+                _status.pop(worker, None)
+                line = (f"mpmagic: worker {wid} was killed by {name} while running the worker setup (from outside, "
+                        "or out of memory); the setup stays in force: its replacement runs it "
+                        f"({KILLED_IN_A_ROW} workers in a row killed in it switch it off)\n")
+                if _quiet:  # (an explicit %%pool setup shows it with the setup's output, and waits on)
+                    _outputs.append(line)
+                    return None
+                return line
+            row = f"; {n} workers in a row were killed by {name} while running it"
         line = _killed_by.setdefault(_version, (
-            f"setup failed on worker {wid}: the worker died while running it ({reason}); "
+            f"setup failed on worker {wid}: the worker died while running it ({reason}{row}); "
             "workers started from now on run without this setup (fix it and run %%pool setup again, "
             "or %pool setup clear)"))
     return record(worker, SetupDone(_version, wid, line, [], ""))
@@ -644,10 +705,15 @@ def reseed_fresh() -> None:
             log.debug("torch not reseeded", exc_info=True)
 
 
-def run_setup(ver: int, data: bytes | None, wid: Any) -> SetupDone:
-    """Run a setup payload in this worker; the ``SetupDone`` reply (error line, names, output)."""
+def run_setup(ver: int, data: bytes | None, wid: Any, copy: Callable[[str, str], bool] | None = None) -> SetupDone:
+    """Run a setup payload in this worker; the ``SetupDone`` reply (error line, names, output).
+
+    ``copy``: also given each write of the setup's output (a local worker's tail in shared
+    memory, ``worker._Tail.add``), for the notebook to show if the worker dies before it
+    replies (``LocalBackend._show_setup_tail``)."""
     held: list[str] = []
-    out, err = worker_logging.SetupStream("stdout", held), worker_logging.SetupStream("stderr", held)
+    out = worker_logging.SetupStream("stdout", held, copy)
+    err = worker_logging.SetupStream("stderr", held, copy)
     before = random_fingerprints()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -1206,6 +1272,25 @@ def note_notebook_value(exc: BaseException, func: Any) -> None:
     g = _by_value_globals(func)
     if g is None:
         return
+    _note_hidden(exc, g, g, "function")
+
+
+def note_notebook_value_in_cell(exc: BaseException, ns: dict[str, Any], sent: dict[str, Any]) -> None:
+    """A ``%%parallel`` rank raised ``exc`` running in ``ns``: the line of
+    :func:`note_notebook_value` when the raising code (the cell's, or a function it
+    defined) reads a name of the notebook's ``sent`` with the cell that this worker's
+    setup also defines. Only the notebook's names: one the cell binds itself is its
+    own, as serially. A map task had that line, a cell's rank failed without it."""
+    if not _installed and not _later:
+        return
+    _note_hidden(exc, ns, sent, "cell")
+
+
+def _note_hidden(exc: BaseException, g: dict[str, Any], sent: dict[str, Any], what: str) -> None:
+    """Add :func:`note_notebook_value`'s line to ``exc`` for the names the deepest raising
+    frame running in globals ``g`` reads, that are the notebook's (in ``sent``, sent with
+    the ``what``: "function" or "cell", and still that value: not rebound by the cell)
+    and this worker's setup's too."""
     code = None
     tb = exc.__traceback__
     while tb is not None:
@@ -1216,7 +1301,8 @@ def note_notebook_value(exc: BaseException, func: Any) -> None:
         return
     space = vars(builtins)
     read = _global_reads(code)
-    names = sorted(n for n in read if n in g and n in space and (n in _installed or n in _later)
+    names = sorted(n for n in read if n in g and n in sent and g[n] is sent[n]  # (not one the cell bound itself)
+                   and n in space and (n in _installed or n in _later)
                    and n not in _SET_GLOBALS and not n.startswith("__"))
     if not names:
         return
@@ -1225,7 +1311,7 @@ def note_notebook_value(exc: BaseException, func: Any) -> None:
             else " and ".join(f"{n} ({r})" for n, r in shown) + " here are the notebook's")
     from .errors import add_note
 
-    add_note(exc, f"mpmagic: {said}, sent with the function, not the {_setup_called}'s: "
+    add_note(exc, f"mpmagic: {said}, sent with the {what}, not the {_setup_called}'s: "
                   f"del {', '.join(names)} in the notebook to use the setup's")
 
 
@@ -1338,6 +1424,9 @@ def dask_apply(client: Any) -> list[str]:
     for addr, reply in client.run(dask_status).items():
         if reply is not None:
             record(addr, reply)
+            shown = take_output(reply)  # (collected by an explicit %%pool setup; else a start's: its cell's)
+            if shown:
+                sys.stdout.write(shown)
             if reply.error:
                 errors.append(reply.error)
     return errors

@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Any
 
 import pytest
 from conftest import ensure_pool, run
@@ -1374,3 +1375,194 @@ def test_setup_clear_with_no_setup_says_nothing_changed(ip, pool2):
     with capture_output() as cap:
         run(ip, "%pool setup clear")
     assert cap.stdout.startswith(setup_api.CLEARED) and not worker_setup.has_setup()
+
+
+SETUP_PRINTS = ("import logging, sys, mpmagic\nprint('loaded on', mpmagic.worker_id())\n"
+                "print('to stderr', file=sys.stderr)\nlogging.getLogger('mpm.later').warning('warned')\nMODEL = 1\n")
+
+
+def _setup_lines(out: str, wid: Any) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith(f"[worker {wid}] ")]
+
+
+def test_what_a_later_workers_setup_prints_is_shown_once_labelled_in_its_run(ip, local_pool, capsys):
+    """What the setup printed (stdout, stderr, a log record) in the first workers is
+    shown by ``%%pool setup``, labelled by worker; in a worker started later (a
+    replacement, a resize, a cell's temporary workers) it was dropped. It is shown
+    the same way, once, in the cell of the run that started or next uses it."""
+    run(ip, "%%pool setup\n" + SETUP_PRINTS)
+    first = capsys.readouterr().out
+    for s in local_pool.slots:
+        assert _setup_lines(first, s.wid) == [f"[worker {s.wid}] loaded on {s.wid}", f"[worker {s.wid}] to stderr",
+                                              f"[worker {s.wid}] warned"], first
+    seen = {s.wid for s in local_pool.slots}
+    os.kill(local_pool.slots[0].pid, signal.SIGKILL)  # a replacement
+    shown = []
+    try:
+        assert list(run(ip, "%%parallel -n 2 -q\nMODEL + rank")) == [1, 2]
+        shown.append(capsys.readouterr())
+        run(ip, "%pool resize 3")  # one more
+        assert list(run(ip, "%%parallel -n 3 -q\nMODEL + rank")) == [1, 2, 3]
+        shown.append(capsys.readouterr())
+        assert list(run(ip, "%%parallel -n 5 -q\nMODEL + rank")) == [1, 2, 3, 4, 5]  # two temporary workers
+        shown.append(capsys.readouterr())
+    finally:
+        run(ip, "%pool resize 2")
+    text = "".join(c.out for c in shown)
+    later = sorted({int(m) for m in re.findall(r"^\[worker (\d+)\] loaded on", text, re.M)})
+    assert len(later) == 4 and not set(later) & seen, text  # replacement, resized, two temporary
+    for wid in later:
+        assert _setup_lines(text, wid) == [f"[worker {wid}] loaded on {wid}", f"[worker {wid}] to stderr",
+                                           f"[worker {wid}] warned"], text
+
+
+def _blocking_setup(tmp_path: Any) -> str:
+    """A setup that, while ``tmp_path/block`` exists, writes its pid to ``tmp_path/pid<worker>``
+    and waits for the file to go: a worker to kill while it runs the setup."""
+    return (f"import os, time, pathlib, mpmagic\n_dir = pathlib.Path({str(tmp_path)!r})\n"
+            "if (_dir / 'block').exists():\n"  # (written whole, then renamed: never read half written)
+            "    (_dir / f'.pid{mpmagic.worker_id()}').write_text(str(os.getpid()))\n"
+            "    os.replace(_dir / f'.pid{mpmagic.worker_id()}', _dir / f'pid{mpmagic.worker_id()}')\n"
+            "    while (_dir / 'block').exists():\n        time.sleep(0.01)\nMODEL = 1\n")
+
+
+def _kill_in_its_setup(tmp_path: Any) -> int:
+    """SIGKILL the first worker found running :func:`_blocking_setup` (its pid file), then let
+    the setup go on in later workers; the killed worker's id."""
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob("pid*")):
+            assert time.monotonic() < deadline, "no worker ran the setup"
+            time.sleep(0.01)
+        found = next(iter(tmp_path.glob("pid*")))
+        os.kill(int(found.read_text()), signal.SIGKILL)
+        return int(found.name[3:])
+    finally:
+        (tmp_path / "block").unlink(missing_ok=True)  # (the setup goes on in later workers, also on a failure)
+
+
+def test_a_worker_killed_from_outside_while_it_runs_the_setup_leaves_the_setup_on(ip, local_pool, tmp_path, capsys):
+    """A SIGKILL from outside (a user's kill, not the setup's own doing) while a worker
+    ran the setup switched the setup off: every later worker started without it, and
+    tasks failed with NameError. The setup stays; one line says the worker was killed."""
+    run(ip, "%%pool setup\n" + _blocking_setup(tmp_path))
+    (tmp_path / "block").touch()
+    os.kill(local_pool.slots[0].pid, signal.SIGKILL)  # its replacement runs the setup, and is killed there
+    killed = _kill_in_its_setup(tmp_path)
+    capsys.readouterr()
+    assert list(run(ip, "%%parallel -n 2 -q\nMODEL + rank")) == [1, 2]  # both workers have the setup
+    err = capsys.readouterr().err
+    assert err.count(f"mpmagic: worker {killed} was killed by SIGKILL while running the worker setup") == 1, err
+    assert "the setup stays in force: its replacement runs it" in err
+    assert local_pool.apply_setup() == [] and worker_setup.killed_workers() is None  # (waits for every worker's)
+    assert str(mpmagic.pool_status()).count(", set up") == len(local_pool.slots) == 2
+    assert list(run(ip, "%%parallel -n 2 -q\nMODEL + rank")) == [1, 2]
+
+
+def test_a_setup_that_sigkills_every_worker_is_switched_off_after_three(ip, local_pool):
+    """A setup killed by SIGKILL in every worker (its own kill, or an out-of-memory one) is
+    not run again and again in a loop of replacements: after three such deaths in a row it
+    is switched off, in one line, as a setup that exits is after one."""
+    with pytest.raises(mpmagic.MPMagicError) as info:
+        run(ip, "%%pool setup\nimport os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    text = str(info.value)
+    assert "\n" not in text and "died while running it" in text and "killed by SIGKILL" in text, text
+    assert "3 workers in a row" in text, text
+    assert run(ip, "%pmap -q lambda x: x + 1, range(4)") == [1, 2, 3, 4]  # the new workers run without it
+
+
+def test_a_failing_rank_reading_a_notebook_name_the_setup_also_defines_says_whose_it_was(ip, local_pool):
+    """A map task got ``worker_setup.note_notebook_value``'s line, a ``%%parallel`` rank
+    did not: the notebook's ``MODEL = None`` sent with the cell failed with a bare TypeError."""
+    run(ip, "%%pool setup\nMODEL = {'a': 1}\n")
+    run(ip, "MODEL = None")
+    try:
+        with pytest.raises(mpmagic.ParallelError) as info:
+            run(ip, "%%parallel -n 2 -q\nMODEL['a']")
+        for exc in info.value.failures.values():
+            assert isinstance(exc, TypeError)
+            assert [n for n in exc.__notes__ if "setup's" in n] == [
+                "mpmagic: MODEL here is the notebook's (None), sent with the cell, not the %%pool setup's: "
+                "del MODEL in the notebook to use the setup's"]
+        for cell in ("rank / 0", "MODEL = 0\nMODEL['a']"):  # (no such name read; the cell's own MODEL: no note)
+            with pytest.raises(mpmagic.ParallelError) as info:
+                run(ip, "%%parallel -n 2 -q\n" + cell)
+            assert not any("setup's" in n for exc in info.value.failures.values()
+                           for n in getattr(exc, "__notes__", ()))
+        run(ip, "del MODEL")
+        assert list(run(ip, "%%parallel -n 2 -q\nMODEL['a']")) == [1, 1]
+    finally:
+        ip.user_ns.pop("MODEL", None)
+
+
+def test_a_worker_killed_while_an_explicit_setup_waits_is_replaced_and_the_wait_goes_on(ip, local_pool, tmp_path,
+                                                                                         capsys):
+    """``%%pool setup`` failed ("the worker died while running it") when a worker was killed
+    from outside during it, and switched the setup off. It waits for the replacement's
+    answer instead, and shows the kill's line with what the setup printed."""
+    (tmp_path / "block").touch()
+    killer = threading.Thread(target=_kill_in_its_setup, args=(tmp_path,))
+    killer.start()
+    try:
+        run(ip, "%%pool setup\nprint('loaded')\n" + _blocking_setup(tmp_path))
+    finally:
+        killer.join(60)
+        (tmp_path / "block").unlink(missing_ok=True)
+    out = capsys.readouterr().out
+    assert out.count("was killed by SIGKILL while running the worker setup") == 1, out
+    assert all(f"[worker {s.wid}] loaded" in out for s in local_pool.slots), out
+    assert str(mpmagic.pool_status()).count(", set up") == len(local_pool.slots) == 2
+    assert list(run(ip, "%%parallel -n 2 -q\nMODEL + rank")) == [1, 2]
+
+
+def test_a_run_whose_items_wait_for_a_setup_killed_from_outside_gets_them_all(ip, local_pool, tmp_path, capsys):
+    """A run's items queued behind the setup of a worker killed in it go to the workers
+    that have the setup (they never started): every result, and one line in the run."""
+    run(ip, "%%pool setup\n" + _blocking_setup(tmp_path))
+    (tmp_path / "block").touch()
+    os.kill(local_pool.slots[0].pid, signal.SIGKILL)  # its replacement blocks in the setup
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob("pid*")):
+        assert time.monotonic() < deadline, "no worker ran the setup"
+        time.sleep(0.01)
+
+    def kill_once_items_wait() -> None:
+        blocked = next(s for s in local_pool.slots if s.setups_ahead)
+        while not blocked.inflight and time.monotonic() < deadline:
+            time.sleep(0.01)
+        _kill_in_its_setup(tmp_path)
+
+    killer = threading.Thread(target=kill_once_items_wait)
+    killer.start()
+    try:
+        out = run(ip, "import time\n%pmap -q --chunksize 1 lambda x: (time.sleep(0.05), MODEL + x)[1], range(8)")
+    finally:
+        killer.join(60)
+        (tmp_path / "block").unlink(missing_ok=True)
+    assert out == [1 + x for x in range(8)]
+    err = capsys.readouterr().err
+    assert err.count("was killed by SIGKILL while running the worker setup") == 1, err
+
+
+def test_what_a_setup_printed_before_its_worker_died_is_shown(ip, local_pool, tmp_path, capsys):
+    """A worker that died while running the setup took what the setup had printed with it
+    (held for its SetupDone): the lines that say how far it got ("loading weights...").
+    They are shown labelled by worker, before the line of its death: a setup that exits,
+    as it would print serially before the exit; and one killed from outside."""
+    with pytest.raises(mpmagic.MPMagicError, match="died while running it"):
+        run(ip, "%%pool setup\nimport os, sys\nprint('loading weights')\nprint('half', file=sys.stderr)\n"
+                "sys.stdout.flush()\nos._exit(7)\n")
+    out = capsys.readouterr().out
+    said = re.findall(r"^\[worker (\d+)\] (.*)$", out, re.M)
+    assert said and all(text in ("loading weights", "half") for _, text in said), out
+    assert [text for _, text in said][:2] == ["loading weights", "half"], out
+    run(ip, "%pool setup clear")
+    run(ip, "%%pool setup\nprint('loading')\n" + _blocking_setup(tmp_path))
+    (tmp_path / "block").touch()
+    os.kill(local_pool.slots[0].pid, signal.SIGKILL)
+    killed = _kill_in_its_setup(tmp_path)
+    capsys.readouterr()
+    assert list(run(ip, "%%parallel -n 2 -q\nMODEL + rank")) == [1, 2]
+    shown = capsys.readouterr()
+    assert _setup_lines(shown.out, killed) == [f"[worker {killed}] loading"], shown
+    assert shown.err.count(f"worker {killed} was killed by SIGKILL while running the worker setup") == 1, shown

@@ -24,29 +24,38 @@ class HeldLines:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # (a Dask helper thread holds while a run's thread says)
-        self._lines: list[str] = []
+        self._lines: list[tuple[str, str]] = []  # (stream, line)
         self._more = 0  # lines past HELD_MAX, counted only
 
-    def hold(self, text: str) -> None:
-        """Keep ``text`` (whole lines) for the next run's cell; past :data:`HELD_MAX`
-        lines, only counted."""
+    def hold(self, text: str, stream: str = "stderr") -> None:
+        """Keep ``text`` (whole lines) for the next run's cell, on ``stream`` ("stderr": the
+        backend's own lines; "stdout": what a later worker's setup printed, where ``%%pool
+        setup`` shows the first ones'); past :data:`HELD_MAX` lines, only counted."""
         with self._lock:
             for line in text.splitlines(keepends=True):
                 if len(self._lines) < HELD_MAX:
-                    self._lines.append(line if line.endswith("\n") else line + "\n")
+                    self._lines.append((stream, line if line.endswith("\n") else line + "\n"))
                 else:
                     self._more += 1
 
     def say(self) -> None:
-        """Write the lines held so far on ``sys.stderr``, in the calling thread (a run's,
-        before its own output: its cell), and forget them."""
+        """Write the lines held so far on their streams, in order, in the calling thread
+        (a run's, before its own output: its cell), and forget them."""
         with self._lock:
             if not self._lines:
                 return
             held, more, self._lines, self._more = self._lines, self._more, [], 0
         if more:
-            held.append(f"mpmagic: ... and {more:,} more line{'s' * (more != 1)} held while no run was in flight\n")
-        sys.stderr.write("".join(held))
+            held.append(("stderr", f"mpmagic: ... and {more:,} more line{'s' * (more != 1)} held while no run "
+                                   "was in flight\n"))
+        start = 0
+        for i in range(1, len(held) + 1):  # (each stream's consecutive lines in one write)
+            if i == len(held) or held[i][0] != held[start][0]:
+                stream = sys.stdout if held[start][0] == "stdout" else sys.stderr
+                stream.write("".join(line for _, line in held[start:i]))
+                if i < len(held):
+                    stream.flush()  # (in order with the other stream's next lines)
+                start = i
 
 
 __all__ = ["HELD_MAX", "HeldLines"]

@@ -1358,6 +1358,9 @@ class LocalBackend:
         setup (%pool shows the rest).
         """
         line = worker_setup.record((self.pool_key, slot.wid), msg)
+        printed = worker_setup.take_output(msg)  # (None while an explicit %%pool setup collects it)
+        if printed:
+            self._say_setup_output(slot, printed)
         failed = msg.error is not None and msg.version == worker_setup.version() and not worker_setup.is_quiet()
         if failed and self._runs:
             run = self._runs[0]
@@ -1375,6 +1378,29 @@ class LocalBackend:
         if line:
             self._say_or_hold(line)
         self._cond.notify_all()
+
+    def _say_setup_output(self, slot: _Slot, text: str) -> None:
+        """What a worker's setup printed (``text``, labelled ``[worker N]``), from a
+        worker started after ``%%pool setup`` showed the first ones' (a replacement, a resize, a
+        cell's temporary worker): shown once, on stdout as ``%%pool setup`` shows it, in the cell
+        of the run whose unit waits for that worker, else of the first run in flight, else held
+        for the next run's cell (``HeldLines``). It was dropped, unlike the first workers'."""
+        self._say_to_waiting(list(slot.inflight), text, "stdout")
+
+    def _say_to_waiting(self, inflight: list[tuple[_LocalRun, Any]], text: str, stream: str = "stderr") -> None:
+        """Show ``text`` on ``stream`` in the first run of ``inflight`` (a worker's units) still
+        going, else in the first run in flight, else (as :meth:`_say_or_hold`) here in a caller's
+        thread, or held for the next run from the manager's."""
+        for run, _ in inflight:
+            if run in self._runs and not run.job.finished:
+                run.note(stream, text)
+                return
+        if self._runs:
+            self._runs[0].note(stream, text)
+        elif threading.current_thread() is not self._manager:
+            (sys.stdout if stream == "stdout" else sys.stderr).write(text)
+        else:
+            self._said_later.hold(text, stream)
 
     def _say_or_hold(self, line: str) -> None:
         """The pool's own ``line`` (ending in a newline) for the notebook: written here
@@ -2501,13 +2527,36 @@ class LocalBackend:
         except Exception:  # (never a reason to fail the manager)
             log.debug("mpmagic: could not show what worker %s held of its output", slot.wid, exc_info=True)
 
+    def _show_setup_tail(self, slot: _Slot) -> None:
+        """What the setup a worker died in had printed (its tail: the worker copies the
+        setup's writes there, ``worker_setup.run_setup``), labelled ``[worker N]`` as the
+        setup's output is, where that would have been shown (``_say_setup_output``; an
+        explicit ``%%pool setup`` collects it). It went with the worker, though it says
+        how far the setup got ("loading weights..." before a crash or a kill)."""
+        if slot.tail is None:
+            return
+        try:
+            text = "".join(t for _, t in worker.read_tail(slot.tail))
+        except Exception:  # (never a reason to fail the manager)
+            log.debug("mpmagic: could not read what worker %s's setup printed", slot.wid, exc_info=True)
+            return
+        printed = worker_setup.take_printed(slot.wid, text)
+        if printed:
+            self._say_setup_output(slot, printed)
+
     def _lost(self, slot: _Slot) -> None:
         """A worker died: blame its running unit, send the queued ones again."""
         if slot.killed:  # (replaced already, while its messages were read: see _no_files)
             return
         slot.proc.join(0.1)
         shm.sweep_worker(slot.pid)  # results it made but never handed over
-        self._show_tail(slot)  # what its task printed last, before the line that blames it
+        # Its units waited behind the setup it was running (a setup ahead of them all): their
+        # error says so, not as if the item had been running; what it printed is the setup's.
+        in_setup = bool(slot.setups_ahead and slot.setups_ahead[0] == 0 and slot.setups_real and slot.setups_real[0])
+        if in_setup:
+            self._show_setup_tail(slot)
+        else:
+            self._show_tail(slot)  # what its task printed last, before the line that blames it
         code = slot.proc.exitcode
         # It could not start its threads (ulimit -u): not replaced. Only a worker
         # that never said it was ready: its threads start before that, and a task
@@ -2531,9 +2580,10 @@ class LocalBackend:
         # A start-up death right after an interrupt is that interrupt, not a broken setup.
         interrupted = time.monotonic() - self._interrupted_at < 5
         if slot.setup_sent and slot.setup_sent == worker_setup.version() and not interrupted:
-            line = worker_setup.died((self.pool_key, slot.wid), slot.wid, reason)  # its setup killed it
-            if line and self._runs:
-                self._runs[0].note("stderr", line)
+            # Its setup killed it (or a kill from outside did: the setup stays, worker_setup.died).
+            line = worker_setup.died((self.pool_key, slot.wid), slot.wid, reason, code)
+            if line:  # (in the run its units were of; with no run in flight: held for the next run, it was dropped)
+                self._say_to_waiting(inflight, line if line.endswith("\n") else line + "\n")
             self._cond.notify_all()
         # It never said it was ready and exited with an error: Python failed to start it (spawn could not
         # import mpmagic, say; after an interrupt too), before it read any unit queued for it, so those go
@@ -2572,7 +2622,9 @@ class LocalBackend:
                 unit.resent_after_idle_death = True
                 run.job.requeue(unit)
             elif i == 0:
-                run.job.lost(unit, reason, index=_position(slot))
+                each = "rank" if run.job.kind == "cell" else "item"
+                why = f"{reason} while it ran the worker setup, which this {each} waited for" if in_setup else reason
+                run.job.lost(unit, why, index=_position(slot))
             else:
                 run.job.requeue(unit)
 
