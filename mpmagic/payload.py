@@ -1177,6 +1177,21 @@ def dumps_checked(obj: Any, what: str) -> bytes:
 # Explaining what cannot be pickled
 
 
+def dumps_queue_item(obj: Any, queue: str) -> bytes:
+    """:func:`dumps_data` for an item ``put`` in a shared queue (``queue``: how messages
+    name it), or one :class:`SerializationError` line naming the part of the item that
+    cannot be pickled, its type and what to do, as a map's items and results say it.
+
+    Pickle's own error (``TypeError: cannot pickle '_thread.lock' object``) named no
+    part of a nested item and came from a frame of the queue's; ``multiprocessing.Queue``
+    pickles in its feeder thread and drops such an item, printing a traceback there."""
+    try:
+        return dumps_data(obj)
+    except Exception as exc:
+        detail = explain_unpicklable(obj, "item", exc, item=True).split(": ", 1)[1]
+        raise SerializationError(f"cannot put an item in {queue}: {detail}") from None
+
+
 def _picklable(obj: Any) -> bool:
     try:
         _Pickler(io.BytesIO(), protocol=PROTOCOL).dump(obj)

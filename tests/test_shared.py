@@ -1759,3 +1759,33 @@ def test_the_first_ctrl_c_on_a_helpers_wait_acts_even_just_after_an_interrupted_
         first_press_interrupts(blocked, after=0.1, within=0.9)
     finally:
         lock.release()
+
+
+def test_an_unpicklable_item_put_in_a_queue_names_where_it_is_in_one_line(ip, pool2):
+    """``q.put({'a': [1, threading.Lock()]})`` raised pickle's bare ``TypeError: cannot pickle
+    '_thread.lock' object`` from a frame of mpmagic's queue (in a task too), where a map's
+    result, an item and the Dask queue's put name the part that cannot go and what to do.
+    (``multiprocessing.Queue`` drops such an item in its feeder thread, printing a traceback.)"""
+    run(ip, "import mpmagic, threading\nbadq = mpmagic.Queue()\n"
+            "def put_bad(x):\n    badq.put({'a': [x, threading.Lock()]})\n    return x")
+    for cell in ("put_bad(1)", "%pmap -q put_bad, [1]"):
+        with pytest.raises(mpmagic.SerializationError) as info:
+            run(ip, cell)
+        text = str(info.value)
+        assert "cannot put an item in mpmagic.Queue" in text, text
+        assert "`item -> 'a' -> [1]` is a _thread.lock" in text and "mpmagic.Lock()" in text, text
+    assert run(ip, "badq.qsize()") == 0  # nothing half-put
+    drop(ip, "badq", "put_bad")
+
+
+def test_a_local_queues_join_thread_returns_none_as_multiprocessings():
+    """``q.join_thread()`` returned True (it is ``flush()``, which says whether the backlog
+    drained); ``multiprocessing.Queue.join_thread()`` and the Dask queue's return None."""
+    local_helpers()
+    ours, theirs = mpmagic.Queue(), MP.Queue()
+    for q in (ours, theirs):
+        q.put(1)
+        q.close()
+    assert ours.join_thread() is None and theirs.join_thread() is None
+    assert ours.flush(5) is True  # (flush keeps its answer)
+

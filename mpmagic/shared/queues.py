@@ -617,8 +617,9 @@ class SharedQueue(IterUntilClosed, _Helper):
     def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
         """Put ``obj`` in the queue. Only a bounded queue (``maxsize > 0``) that is
         full makes it wait: ``queue.Full`` after ``timeout`` seconds, or at once
-        with ``block=False``. Raises UsageError (a ValueError) once the queue is closed."""
-        data = payload.dumps_data(obj)
+        with ``block=False``. Raises UsageError (a ValueError) once the queue is closed,
+        and SerializationError naming the part of ``obj`` that cannot be pickled."""
+        data = payload.dumps_queue_item(obj, self._describe())
         need = 16 + _padded(len(data))
         r, w, maxsize = self._r, self._seg.words, self._maxsize
         timeout = wait_timeout(timeout)  # (10**400: no limit, not OverflowError below)
@@ -688,7 +689,11 @@ class SharedQueue(IterUntilClosed, _Helper):
         is in the shared ring; True if it is, False after ``timeout`` seconds."""
         return self._local.wait_empty(wait_timeout(timeout))
 
-    join_thread = flush  # the stdlib's name for the same wait
+    def join_thread(self) -> None:
+        """Wait until this process's backlog is in the shared ring (:meth:`flush` with
+        no limit), as ``multiprocessing.Queue.join_thread`` waits for its feeder
+        thread; returns None, as that one (and the Dask queue's) does."""
+        self.flush()
 
     def cancel_join_thread(self) -> None:
         """``multiprocessing.Queue``'s way to keep a process's exit from waiting on
