@@ -819,19 +819,27 @@ def _with_table(base: type, buffer_callback: Any) -> type:
     ``share()`` array (when ``buffer_callback`` is a lending ``shm.Collector`` and
     such arrays exist: it travels by reference, ``shm._reduce_array``), and a
     file-backed ``np.memmap`` inside ``memmaps_by_reference()`` (as its file's name,
-    :func:`memmap_reference`; plain pickle has no ``reducer_override``)."""
+    :func:`memmap_reference`; plain pickle has no ``reducer_override``), and there too a
+    numpy view or ``get_obj()`` of a Value's or Array's data (as the helper and the
+    view's place in it, :func:`helper_reference`)."""
     lent = buffer_callback.dispatch_table() if isinstance(buffer_callback, shm.Collector) else None
     # (plain pickle refuses the notebook's stream: cloudpickle's turn)
     out_stream = (getattr(sys.modules.get("ipykernel.iostream"), "OutStream", None)
                   if base is not pickle.Pickler else None)
     np = sys.modules.get("numpy") if _memmaps.on else None
-    if not lent and out_stream is None and np is None:  # (no table to build: each result a worker sends)
+    helpers = list(_helper_memory.values()) if _memmaps.on else []
+    if not lent and out_stream is None and np is None and not helpers:  # (no table to build: each result a worker sends)
         return base
     table = dict(lent or {})
     if out_stream is not None:
         table[out_stream] = _reduce_notebook_stream
     if np is not None:
         table[np.memmap] = _reduce_memmap
+    if helpers:  # (views of a Value's or Array's data, and get_obj(): by reference, helper_reference)
+        if np is not None:
+            table[np.ndarray] = _reduce_by_reference_lent if np.ndarray in table else _reduce_by_reference
+        for ctype in {type(h.get_obj()) for h in helpers}:
+            table[ctype] = _reduce_by_reference
     key = (base, *table.items())
     cls = _table_picklers.get(key)
     if cls is None:
@@ -970,8 +978,10 @@ class memmaps_by_reference:
     """``with memmaps_by_reference():`` a file-backed ``np.memmap`` (or a view of
     one) pickled in this thread meanwhile travels as its file's name and place
     (:func:`memmap_reference`), not its bytes: whoever loads it maps the same
-    file again. Only for workers on this machine (the local pool's payloads and
-    items); a Dask worker may be elsewhere, and gets the bytes as before."""
+    file again; a numpy view or ``get_obj()`` of an ``mpmagic.Value``'s or ``Array``'s
+    data travels as the helper and its place (:func:`helper_reference`). Only for
+    workers on this machine (the local pool's payloads and items); a Dask worker may
+    be elsewhere, and gets the bytes as before."""
 
     def __enter__(self) -> None:
         self._was = _memmaps.on
@@ -1047,6 +1057,100 @@ def _reopen_memmap(filename: str, dtype: Any, shape: tuple, strides: tuple, wher
 def _reduce_memmap(m: Any) -> Any:
     """A dispatch-table reducer of ``np.memmap`` (see :func:`_with_table`)."""
     return memmap_reference(m) or m.__reduce_ex__(PROTOCOL)
+
+
+# --------------------------------------------------------------------------
+# Views of a shared Value's or Array's memory: sent as a reference to the helper
+#
+# ``view = np.asarray(grid)`` (an ``mpmagic.Array``) is the shared memory itself, and
+# so is ``grid.get_obj()``. Pickled by value, a task that wrote ``view[i] = x`` wrote
+# into its worker's copy: the notebook's array stayed as it was (a ``%%parallel`` rank
+# said nothing), and ``get_obj()``'s ctypes array type failed to load in the worker.
+# Serially, and with ``multiprocessing``'s Array under fork, the writes land in the
+# shared array. Inside :class:`memmaps_by_reference` (a run's payload, for workers on
+# this machine) such a view travels as the helper (by name, kept alive by the run as
+# any helper it names) and where in its data the view lies; the worker makes the same
+# view over the helper's memory. Elsewhere (a queue's item, a result, Dask) the bytes
+# travel, as ``multiprocessing`` copies an array put in its queue.
+
+#: The data of this process's live Values and Arrays (``shared.values`` registers each
+#: as it is made or opened): (first address, bytes) -> the helper, weakly.
+_helper_memory: weakref.WeakValueDictionary[tuple[int, int], Any] = weakref.WeakValueDictionary()
+
+
+def register_helper_memory(helper: Any, address: int, nbytes: int) -> None:
+    """``helper`` (a Value or Array) holds ``nbytes`` of data at ``address`` in this
+    process; ``helper._view_at(dtype, shape, strides, offset, writeable)`` and
+    ``helper.get_obj()`` make them again in another (see :func:`helper_reference`)."""
+    if nbytes:
+        _helper_memory[(address, nbytes)] = helper
+
+
+def _helper_holding(low: int, high: int) -> tuple[Any, int] | None:
+    """(the live helper whose data holds the bytes [low, high), where ``low`` lies in its
+    data), or None."""
+    for (start, nbytes), helper in list(_helper_memory.items()):
+        if start <= low and high <= start + nbytes:
+            return helper, start
+    return None
+
+
+def in_helper_memory(address: int, nbytes: int = 1) -> bool:
+    """Do the ``nbytes`` at ``address`` lie in a live Value's or Array's shared data?"""
+    return bool(_helper_memory) and _helper_holding(address, address + max(1, nbytes)) is not None
+
+
+def helper_reference(obj: Any) -> tuple | None:
+    """``(rebuild, args)`` for a numpy array (a view) or ctypes object whose memory lies
+    in a live Value's or Array's data; None for any other (pickled by value)."""
+    if not _helper_memory:
+        return None
+    if isinstance(obj, (ctypes.Array, ctypes._SimpleCData)):
+        address = ctypes.addressof(obj)
+        found = _helper_holding(address, address + ctypes.sizeof(obj))
+        if found is None or found[1] != address or type(found[0].get_obj()) is not type(obj):
+            return None  # (a part of one, or another type over it: its bytes, as before)
+        return _helper_obj, (found[0],)
+    np = sys.modules.get("numpy")
+    if np is None or type(obj) is not np.ndarray or not obj.size or obj.dtype.hasobject:
+        return None
+    try:
+        first = int(obj.__array_interface__["data"][0])
+    except Exception:
+        return None
+    low = high = first
+    for n, step in zip(obj.shape, obj.strides, strict=True):
+        if step < 0:
+            low += (n - 1) * step
+        else:
+            high += (n - 1) * step
+    found = _helper_holding(low, high + obj.itemsize)
+    if found is None:
+        return None
+    helper, start = found
+    return _helper_view, (helper, obj.dtype, obj.shape, obj.strides, first - start, bool(obj.flags.writeable))
+
+
+def _helper_obj(helper: Any) -> Any:
+    """The ctypes object :func:`helper_reference` sent: the helper's own (``get_obj()``)."""
+    return helper.get_obj()
+
+
+def _helper_view(helper: Any, dtype: Any, shape: tuple, strides: tuple, offset: int, writeable: bool) -> Any:
+    """The numpy view :func:`helper_reference` sent, over the helper's shared data."""
+    return helper._view_at(dtype, shape, strides, offset, writeable)
+
+
+def _reduce_by_reference(obj: Any) -> Any:
+    """A dispatch-table reducer of numpy arrays and the helpers' ctypes types (see
+    :func:`_with_table`): a view of a helper's data by reference, else as before."""
+    return helper_reference(obj) or obj.__reduce_ex__(PROTOCOL)
+
+
+def _reduce_by_reference_lent(obj: Any) -> Any:
+    """:func:`_reduce_by_reference` where the lending collector reduces numpy arrays
+    (``shm._reduce_array``: a strided view of a ``share()`` array by its place)."""
+    return helper_reference(obj) or shm._reduce_array(obj)
 
 
 def loads(data: bytes) -> Any:

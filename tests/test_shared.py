@@ -1789,3 +1789,43 @@ def test_a_local_queues_join_thread_returns_none_as_multiprocessings():
     assert ours.join_thread() is None and theirs.join_thread() is None
     assert ours.flush(5) is True  # (flush keeps its answer)
 
+
+_VIEW_WRITES = {
+    # how a task reaches the shared array's memory: a numpy view captured, a slice of one
+    # passed as the item, the raw ctypes array (get_obj()) captured
+    "captured view": ("view = np.asarray(grid)\ndef write(i):\n    view[i] = i + 1\n", "%pmap -q write, range(4)"),
+    "item slices": ("view = grid.as_numpy()\ndef write(part):\n    part[:] = 7\n",
+                    "%pmap -q write, [view[0:2], view[2:4]]"),
+    "captured get_obj": ("raw = grid.get_obj()\ndef write(i):\n    raw[i] = i + 1\n", "%pmap -q write, range(4)"),
+}
+
+
+@pytest.mark.parametrize("how", list(_VIEW_WRITES))
+def test_a_tasks_writes_through_a_view_of_a_shared_array_reach_it_as_serially(ip, any_method, how):
+    """docs/shared.md: ``view = np.asarray(grid)`` is the shared memory itself. A task's
+    ``view[i] = ...`` wrote into the worker's copy of the view (pickled by value), so the
+    notebook's array stayed all zeros (a map said "changes ... in the workers' copies"; a
+    ``%%parallel`` cell said nothing), and a captured ``grid.get_obj()`` failed to load in the
+    worker ("type object 'PyCArrayType' has no attribute '__mul__'"). Serially, and with
+    ``multiprocessing``'s Array under fork, the writes land in the shared array."""
+    ensure_pool(any_method)
+    setup, cell = _VIEW_WRITES[how]
+    run(ip, "import mpmagic, numpy as np\ngrid = mpmagic.Array('d', 4)\n" + setup)
+    from IPython.utils.capture import capture_output
+
+    with capture_output() as cap:
+        run(ip, cell)
+    assert run(ip, "grid[:]") == ([7.0] * 4 if how == "item slices" else [1.0, 2.0, 3.0, 4.0])
+    assert "copies" not in cap.stderr, cap.stderr
+    drop(ip, "grid", "view", "raw", "write")
+
+
+def test_a_ranks_writes_through_a_view_of_a_shared_array_reach_it(ip, pool2):
+    """The same in a ``%%parallel`` cell: each rank writes its part of ``view``, a strided
+    one too; the notebook's ``grid`` holds them, and a read-only view stays read-only."""
+    run(ip, "import mpmagic, numpy as np\ngrid = mpmagic.Array('i', 8)\nview = np.asarray(grid)\n"
+            "evens = view[::2]\nfrozen = view[:2]\nfrozen.flags.writeable = False")
+    assert parallel(ip, "view[2 * rank + 1] = 10 + rank\nevens[rank] = rank + 1\nfrozen.flags.writeable", n=2) \
+        == [False, False]
+    assert run(ip, "grid[:]") == [1, 10, 2, 11, 0, 0, 0, 0]
+    drop(ip, "grid", "view", "evens", "frozen")
