@@ -1829,3 +1829,14 @@ def test_a_ranks_writes_through_a_view_of_a_shared_array_reach_it(ip, pool2):
         == [False, False]
     assert run(ip, "grid[:]") == [1, 10, 2, 11, 0, 0, 0, 0]
     drop(ip, "grid", "view", "evens", "frozen")
+
+
+def test_a_kept_ranks_writes_through_a_view_of_a_shared_array_reach_it(ip, pool2):
+    """``%%parallel --keep`` sends no pooled segments (its names outlive the run), and so
+    sent a view of an mpmagic.Array by value too: the ranks' writes were lost, silently."""
+    run(ip, "import mpmagic, numpy as np\ngrid = mpmagic.Array('i', 4)\nview = np.asarray(grid)")
+    parallel(ip, "view[rank] = rank + 5\nmine = view", n=2, extra="--keep")
+    assert run(ip, "grid[:]") == [5, 6, 0, 0]
+    parallel(ip, "mine[rank + 2] = 7", n=2, extra="--keep")  # (the kept rank's own name: the same memory)
+    assert run(ip, "grid[:]") == [5, 6, 7, 7]
+    drop(ip, "grid", "view")
