@@ -1840,3 +1840,24 @@ def test_a_kept_ranks_writes_through_a_view_of_a_shared_array_reach_it(ip, pool2
     parallel(ip, "mine[rank + 2] = 7", n=2, extra="--keep")  # (the kept rank's own name: the same memory)
     assert run(ip, "grid[:]") == [5, 6, 7, 7]
     drop(ip, "grid", "view")
+
+
+def test_a_value_shares_another_helpers_lock_as_multiprocessings(ip, pool2):
+    """``mpmagic.Value('i', 0, lock=counter.get_lock())`` (one lock over two values, the
+    classic way with ``multiprocessing``) was refused: "lock must be ... an mpmagic.Lock()/
+    RLock(), not _HolderLock (a multiprocessing lock cannot reach running workers)", though
+    it is mpmagic's own. Now it is that lock (``get_lock()`` is it), in tasks too, and it
+    keeps the helper it belongs to alive."""
+    theirs = MP.Value("i", 0)
+    assert MP.Value("i", 0, lock=theirs.get_lock()).get_lock() is theirs.get_lock()
+    run(ip, "import mpmagic\ncounter = mpmagic.Value('i', 0)\nhits = mpmagic.Array('i', 2, lock=counter.get_lock())\n"
+            "def count(i):\n    with counter.get_lock():\n        counter.value += 1\n        hits[i % 2] += 1\n"
+            "    return hits.get_lock() is counter.get_lock()")
+    assert run(ip, "hits.get_lock() is counter.get_lock()") is True
+    assert run(ip, "%pmap -q count, range(40)") == [True] * 40
+    assert run(ip, "(counter.value, hits[:])") == (40, [20, 20])
+    drop(ip, "counter")  # (hits keeps the lock's helper alive, as multiprocessing's lock lives on)
+    run(ip, "def more(i):\n    with hits.get_lock():\n        hits[0] += 1\n")
+    run(ip, "%pmap -q more, range(4)")
+    assert run(ip, "hits[:]") == [24, 20]
+    drop(ip, "hits", "count", "more")
