@@ -1861,3 +1861,18 @@ def test_a_value_shares_another_helpers_lock_as_multiprocessings(ip, pool2):
     run(ip, "%pmap -q more, range(4)")
     assert run(ip, "hits[:]") == [24, 20]
     drop(ip, "hits", "count", "more")
+
+
+def test_a_put_after_close_is_refused_while_the_close_waits_in_the_backlog():
+    """A process whose ring was full when it called ``close()`` (the close waits behind its
+    items in the backlog) took a later ``put()``, and consumers got that item before the
+    end of the stream; ``multiprocessing.Queue`` raises ValueError at once (the local
+    queue does too when the ring had room)."""
+    local_helpers()
+    q = mpmagic.Queue(capacity=4096)
+    for i in range(500):  # (more than the ring holds: the rest wait in the backlog)
+        q.put(i)
+    q.close()
+    with pytest.raises(ValueError, match="is closed"):
+        q.put("after")
+    assert list(q) == list(range(500))

@@ -191,6 +191,17 @@ class _Ring:
     def closed(self) -> bool:
         return self.w[_W_CLOSES] >= self.w[_W_PRODUCERS]
 
+    def closed_here(self, local: _Local) -> bool:
+        """:meth:`closed`, counting this process's ``close()`` calls still waiting in its
+        backlog (the caller holds the mutex): a ``close()`` made while the ring was full
+        ends the stream for this process's later puts at once, as it does with room
+        (before, a ``put()`` after it was taken, and read before the end of the stream).
+        The feeder counts a close and clears it from the slot in one step, so the sum holds."""
+        if not local.backlog:
+            return self.closed()
+        i = self.slot(local, False)
+        return self.w[_W_CLOSES] + (self.t[i + _S_CLOSES] if i >= 0 else 0) >= self.w[_W_PRODUCERS]
+
     def slot(self, local: _Local, create: bool) -> int:
         """The word index of this process's slot in the table (-1: none, or no room)."""
         t, pid = self.t, base._PID
@@ -630,7 +641,7 @@ class SharedQueue(IterUntilClosed, _Helper):
             with local.lock:
                 accepted = written = room = False
                 with r.mutex:
-                    if r.closed():
+                    if r.closed_here(local):
                         raise UsageError(  # (a ValueError, as multiprocessing's; shown as one line, as get's QueueClosed)
                             f"{self._describe()} is closed: nothing more can be put in it. A close() ends the "
                             "stream for every process: with several producers, make it with "
