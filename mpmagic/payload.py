@@ -15,6 +15,7 @@ This module imports no IPython: workers import it.
 
 from __future__ import annotations
 
+import bisect
 import copyreg
 import ctypes
 import dis
@@ -827,7 +828,7 @@ def _with_table(base: type, buffer_callback: Any) -> type:
     out_stream = (getattr(sys.modules.get("ipykernel.iostream"), "OutStream", None)
                   if base is not pickle.Pickler else None)
     np = sys.modules.get("numpy") if _memmaps.on else None
-    helpers = list(_helper_memory.values()) if _memmaps.on else []
+    helpers = _memmaps.on and bool(_helper_memory)
     if not lent and out_stream is None and np is None and not helpers:  # (no table to build: each result a worker sends)
         return base
     table = dict(lent or {})
@@ -838,7 +839,7 @@ def _with_table(base: type, buffer_callback: Any) -> type:
     if helpers:  # (views of a Value's or Array's data, and get_obj(): by reference, helper_reference)
         if np is not None:
             table[np.ndarray] = _reduce_by_reference_lent if np.ndarray in table else _reduce_by_reference
-        for ctype in {type(h.get_obj()) for h in helpers}:
+        for ctype in _helper_index().ctypes_types:
             table[ctype] = _reduce_by_reference
     key = (base, *table.items())
     cls = _table_picklers.get(key)
@@ -1076,23 +1077,60 @@ def _reduce_memmap(m: Any) -> Any:
 #: The data of this process's live Values and Arrays (``shared.values`` registers each
 #: as it is made or opened): (first address, bytes) -> the helper, weakly.
 _helper_memory: weakref.WeakValueDictionary[tuple[int, int], Any] = weakref.WeakValueDictionary()
+_helper_added = 0  # registrations so far: the sorted index below is made again after one
+
+
+class _HelperIndex(typing.NamedTuple):
+    """The registered ranges sorted by address, and the ctypes types of the helpers'
+    ``get_obj()``, as of ``added`` registrations: a look-up is a bisection, not a scan
+    of every helper for each numpy array a chunk holds. A helper dropped since is found
+    gone in ``_helper_memory`` (its weak entry left), so only new ones need a rebuild.
+    One tuple, replaced whole: a thread never sees one part new and another old."""
+
+    added: int
+    starts: list[int]
+    keys: list[tuple[int, int]]
+    ctypes_types: frozenset[type]
+
+
+_index = _HelperIndex(-1, [], [], frozenset())
 
 
 def register_helper_memory(helper: Any, address: int, nbytes: int) -> None:
     """``helper`` (a Value or Array) holds ``nbytes`` of data at ``address`` in this
     process; ``helper._view_at(dtype, shape, strides, offset, writeable)`` and
     ``helper.get_obj()`` make them again in another (see :func:`helper_reference`)."""
+    global _helper_added
     if nbytes:
         _helper_memory[(address, nbytes)] = helper
+        _helper_added += 1
+
+
+def _helper_index() -> _HelperIndex:
+    """The index of the live helpers' ranges, made again if one was registered since."""
+    global _index
+    index = _index
+    if index.added != _helper_added:
+        added = _helper_added
+        live = sorted(_helper_memory.items(), key=lambda kv: kv[0][0])
+        keys = [key for key, _ in live]
+        index = _index = _HelperIndex(added, [start for start, _ in keys], keys,
+                                      frozenset(type(helper.get_obj()) for _, helper in live))
+    return index
 
 
 def _helper_holding(low: int, high: int) -> tuple[Any, int] | None:
     """(the live helper whose data holds the bytes [low, high), where ``low`` lies in its
-    data), or None."""
-    for (start, nbytes), helper in list(_helper_memory.items()):
-        if start <= low and high <= start + nbytes:
-            return helper, start
-    return None
+    data), or None. (The live helpers' data never overlap: each is a mapping of its own.)"""
+    index = _helper_index()
+    i = bisect.bisect_right(index.starts, low) - 1
+    if i < 0:
+        return None
+    start, nbytes = key = index.keys[i]
+    helper = _helper_memory.get(key)
+    if helper is None or not start <= low or high > start + nbytes:
+        return None
+    return helper, start
 
 
 def in_helper_memory(address: int, nbytes: int = 1) -> bool:
