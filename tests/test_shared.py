@@ -1876,3 +1876,16 @@ def test_a_put_after_close_is_refused_while_the_close_waits_in_the_backlog():
     with pytest.raises(ValueError, match="is closed"):
         q.put("after")
     assert list(q) == list(range(500))
+
+
+def test_a_dask_queues_unpicklable_item_is_named_as_the_local_queues():
+    """The Dask queue's ``put`` said "cannot send an item put in the queue to the workers"
+    (its item was the root of the path): it now says what the local queue says. No
+    cluster needed: the item is pickled before Dask is asked anything."""
+    from mpmagic.backends.dask_shared import DaskQueue
+
+    theirs = object.__new__(DaskQueue)
+    with pytest.raises(mpmagic.SerializationError) as info:
+        theirs.put({"a": [1, threading.Lock()]})
+    text = str(info.value)
+    assert text.startswith("cannot put an item in mpmagic.Queue on Dask: `item -> 'a' -> [1]` is a _thread.lock"), text
