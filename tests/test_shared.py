@@ -1889,3 +1889,19 @@ def test_a_dask_queues_unpicklable_item_is_named_as_the_local_queues():
         theirs.put({"a": [1, threading.Lock()]})
     text = str(info.value)
     assert text.startswith("cannot put an item in mpmagic.Queue on Dask: `item -> 'a' -> [1]` is a _thread.lock"), text
+
+
+@pytest.mark.parametrize("make", ["Value('i', 0, lock=None)", "Array('d', 3, lock=None)"])
+def test_a_helper_made_with_lock_none_has_its_own_lock_as_multiprocessings(ip, make):
+    """``multiprocessing.Value(..., lock=None)`` (and Array) makes its own RLock, as
+    ``lock=True`` does; ours had none (as ``lock=False``): ``get_lock()`` raised, saying
+    it was made with lock=False, and each ``v.value`` access took no lock."""
+    local_helpers()
+    ours, theirs = eval("mpmagic." + make), eval("MP." + make)
+    for h in (theirs, ours):
+        lock = h.get_lock()
+        with h:
+            assert lock.acquire(timeout=1)  # (its own lock is an RLock)
+            lock.release()
+    assert ours._made_with() == ours._made_with().replace("lock=False", ""), ours._made_with()
+    drop(ip)

@@ -43,12 +43,12 @@ def _typecode(typecode: Any, kind: str) -> str:
 
 
 def _lock_arg(lock: Any, kind: str) -> tuple[str, Any]:
-    """``lock=True`` (own RLock), False (none) or an mpmagic Lock/RLock to share: one
+    """``lock=True`` or None (own RLock), False (none) or an mpmagic Lock/RLock to share: one
     made with ``mpmagic.Lock()``/``RLock()``, or another Value's or Array's own
     (``lock=counter.get_lock()``, as ``multiprocessing`` takes a Value's lock)."""
-    if lock is True:
+    if lock is True or lock is None:  # (None: its own lock, as multiprocessing's lock=None makes one)
         return "own", None
-    if lock is False or lock is None:
+    if lock is False:
         return "none", None
     if isinstance(lock, SharedLock) or (isinstance(lock, _HolderLock) and lock.helper is not None):
         return "given", lock
