@@ -510,6 +510,36 @@ def keep_all(objs: Any) -> None:
             into[id(obj)] = obj
 
 
+class _MapResults(threading.local):
+    on = False
+
+
+_map_results = _MapResults()
+
+
+class sending_map_results:
+    """``with sending_map_results():`` (a worker packing a map chunk's results) a helper
+    that this process made inside the task refuses to be pickled (``_Helper.__reduce__``):
+    its task ended and released it, so the notebook could not open it, and loading the
+    chunk failed on it, every item of the chunk with it (with ``errors="collect"`` too).
+    Refused here, it is that one result that cannot be sent, named as any other is.
+    (Not a ``%%parallel`` rank's value: a ``--keep`` rank's helpers outlive its cell.)"""
+
+    __slots__ = ("was",)
+
+    def __enter__(self) -> None:
+        self.was = _map_results.on
+        _map_results.on = True
+
+    def __exit__(self, *exc: object) -> None:
+        _map_results.on = self.was
+
+
+def sending_map_results_now() -> bool:
+    """Is this thread packing a map chunk's results (:class:`sending_map_results`)?"""
+    return _map_results.on
+
+
 class keeping:
     """``with keeping(kept):`` objects pickled in this thread meanwhile that call
     :func:`keep_alive` go into the dict ``kept`` (by id). Nests: the outer
@@ -1400,6 +1430,8 @@ def sent_globals(func: Any) -> tuple[dict[str, Any] | None, set[str]]:
 def _children(obj: Any) -> list[tuple[str, Any]]:
     """Named parts of ``obj`` that pickling it would also pickle."""
     out: list[tuple[str, Any]] = []
+    if hasattr(type(obj), "_by_name"):  # an mpmagic helper pickles by name, none of its parts (its mmap...)
+        return out
     if isinstance(obj, functools.partial):
         out.append(("func", obj.func))
         out += [(f"args[{i}]", a) for i, a in enumerate(obj.args)]
@@ -1601,6 +1633,8 @@ def result_advice(text: str) -> str:
                 "it, e.g. return asyncio.run(fetch(x)) instead of return fetch(x).")
     if "is a generator," in text:
         return "A generator is consumed where it is made: return list(gen) instead of gen."
+    if "a helper made in a task is released" in text:  # (its own advice is in the text: shared.base)
+        return "Return what the task read from it (v.value, list(q)...) instead."
     return "Return plain data (numbers, strings, lists, dicts, numpy arrays) instead."
 
 

@@ -1905,3 +1905,21 @@ def test_a_helper_made_with_lock_none_has_its_own_lock_as_multiprocessings(ip, m
             lock.release()
     assert ours._made_with() == ours._made_with().replace("lock=False", ""), ours._made_with()
     drop(ip)
+
+
+def test_a_helper_made_in_a_task_and_returned_fails_its_item_alone(ip, pool2):
+    """One item of a chunk returned a helper its task made: loading the chunk's results in
+    the notebook failed on it, so every item of the chunk failed ("the results of items 0-5
+    ... cannot be loaded"), even with errors="collect", where the other five had results.
+    The worker now refuses that result as it refuses any unpicklable one: that item fails,
+    named, and the others' results arrive."""
+    run(ip, "import mpmagic\ndef some_value(i):\n    return mpmagic.Value('i', i) if i == 2 else i * 10")
+    got = run(ip, "mpmagic.pmap(some_value, range(6), chunksize=6, errors='collect')")
+    assert [r for i, r in enumerate(got) if i != 2] == [0, 10, 30, 40, 50]
+    assert isinstance(got[2], mpmagic.Failed) and "Make a new mpmagic.Value(...) in the notebook" in str(got[2].error)
+    with pytest.raises(mpmagic.SerializationError) as info:
+        run(ip, "%pmap -q --chunksize 6 some_value, range(6)")
+    text = str(info.value)
+    assert text.startswith("the result of item 2 of the input (2) cannot be sent back"), text
+    assert "Make a new mpmagic.Value(...) in the notebook" in text and "Return plain data" not in text, text
+    drop(ip, "some_value", "got")

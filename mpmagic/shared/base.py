@@ -711,8 +711,21 @@ class _Helper:
         # Pickled into a run's payload (its function, items or cell): the run
         # keeps this object, and so its names, alive until it ends, even if the
         # notebook drops or rebinds it meanwhile (payload.keeping).
+        if self._origin and self._owner_pid == _PID and payload.sending_map_results_now():
+            raise self._returned_from_its_task()
         payload.keep_alive(self)
         return (_attach, self._by_name())
+
+    def _returned_from_its_task(self) -> SharedObjectGone:
+        """A map task's result holds a helper that task made (in this worker): it is
+        released as the task ends, before the notebook could open it (it arrived gone,
+        and the whole chunk failed to load). Refused as the result is packed: that
+        item's result alone cannot be sent (``payload.sending_map_results``)."""
+        return SharedObjectGone(
+            f"{self._describe()} cannot go back to the notebook: a helper made in a task is released when "
+            f"the task ends, before the notebook can open it. Make a new mpmagic.{self._kind}(...) in the "
+            "notebook and pass it in (an item, or a name the function reads)"
+        )
 
     def _mpmagic_key(self) -> tuple:
         """What this helper is, for a checkpoint key (``checkpoint_keys``): its kind and
