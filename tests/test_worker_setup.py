@@ -1374,3 +1374,14 @@ def test_setup_clear_with_no_setup_says_nothing_changed(ip, pool2):
     with capture_output() as cap:
         run(ip, "%pool setup clear")
     assert cap.stdout.startswith(setup_api.CLEARED) and not worker_setup.has_setup()
+
+
+def test_a_helper_the_setup_made_comes_back_from_a_task(ip, local_pool):
+    """A worker's own helper (made by ``%%pool setup``, alive as long as the worker) may be a
+    map's result: only one a task made is refused (released as its task ends)."""
+    run(ip, "%%pool setup\nimport mpmagic\nINBOX = mpmagic.Queue()\n")
+    got = run(ip, "%pmap -q --chunksize 1 lambda x: INBOX, range(2)")
+    assert all(isinstance(q, mpmagic.shared.SharedQueue) for q in got), got
+    got[0].put("hi")
+    assert got[0].get(timeout=5) == "hi"
+    run(ip, "del _")
