@@ -842,6 +842,7 @@ def cloudpickle_dumps(obj: Any, buffer_callback: Any = None) -> bytes:
 
 
 _table_picklers: dict[tuple, type] = {}
+_TABLE_PICKLERS_KEPT = 64  # pickler classes kept: the tables in use are a handful; more were helpers' types
 
 
 def _with_table(base: type, buffer_callback: Any) -> type:
@@ -874,6 +875,8 @@ def _with_table(base: type, buffer_callback: Any) -> type:
     key = (base, *table.items())
     cls = _table_picklers.get(key)
     if cls is None:
+        if len(_table_picklers) >= _TABLE_PICKLERS_KEPT:  # (each new set of helpers' ctypes types makes a key)
+            _table_picklers.clear()
         own = getattr(base, "dispatch_table", copyreg.dispatch_table)  # (a C Pickler has none: copyreg's)
         cls = _table_picklers[key] = type(base.__name__, (base,), {"dispatch_table": ChainMap(table, own)})
     return cls
@@ -1120,10 +1123,10 @@ class _HelperIndex(typing.NamedTuple):
     added: int
     starts: list[int]
     keys: list[tuple[int, int]]
-    ctypes_types: frozenset[type]
+    ctypes_types: tuple[type, ...]
 
 
-_index = _HelperIndex(-1, [], [], frozenset())
+_index = _HelperIndex(-1, [], [], ())
 
 
 def register_helper_memory(helper: Any, address: int, nbytes: int) -> None:
@@ -1144,8 +1147,9 @@ def _helper_index() -> _HelperIndex:
         added = _helper_added
         live = sorted(_helper_memory.items(), key=lambda kv: kv[0][0])
         keys = [key for key, _ in live]
+        types = {type(helper.get_obj()) for _, helper in live}  # (in a fixed order: the pickler cache's key)
         index = _index = _HelperIndex(added, [start for start, _ in keys], keys,
-                                      frozenset(type(helper.get_obj()) for _, helper in live))
+                                      tuple(sorted(types, key=lambda t: (t.__qualname__, id(t)))))
     return index
 
 
