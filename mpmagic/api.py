@@ -2913,7 +2913,7 @@ class CellCall:
         # (workers on this machine; not for kept ranks, whose names outlive the run and its segments).
         lease = shm.Lease() if self.backend.shares_memory and self.pins is None and shm.ENABLED else None
         with payload.keeping(kept):
-            spec_bytes = _pack_spec(self.spec, lease)
+            spec_bytes = _pack_spec(self.spec, lease, local=self.backend.shares_memory)
         self._plain = None if lease is not None and lease.segments else spec_bytes
         self.cold = self.backend.cold
         self.recorder = Recorder("parallel") if insights else None
@@ -3061,7 +3061,7 @@ def _note_unsent_name(exc: BaseException, namespace: dict[str, Any], spec: Any) 
     )
 
 
-def _pack_spec(spec: Any, lease: shm.Lease | None = None) -> bytes:
+def _pack_spec(spec: Any, lease: shm.Lease | None = None, local: bool = False) -> bytes:
     """The cell's payload: its code and the notebook names it reads (less those it
     assigns whose values cannot be pickled: :func:`cell.leave_out_unpicklable`).
 
@@ -3070,18 +3070,21 @@ def _pack_spec(spec: Any, lease: shm.Lease | None = None) -> bytes:
     map's items do (workers map them read-only, unless
     ``shm.configure(writable=True)``), instead of one copy per rank through the
     pipe, and a file-backed ``np.memmap`` goes as its file's name, opened again
-    by each rank (``payload.memmaps_by_reference``).
+    by each rank (``payload.memmaps_by_reference``). ``local`` (workers on this machine,
+    with or without a lease: kept ranks get none) sends those, and a view of an
+    ``mpmagic.Array``'s data, by reference too: a kept rank's ``view[rank] = x`` wrote
+    into its copy, lost.
     """
     collector = shm.Collector() if lease is not None else None
     try:
-        with payload.memmaps_by_reference() if lease is not None else contextlib.nullcontext():
+        with payload.memmaps_by_reference() if lease is not None or local else contextlib.nullcontext():
             data = payload.dumps_function(spec, "the cell's names", collector)
         if collector is not None and collector.buffers:
             return shm.wrap(data, collector.buffers, "lend", lease)[0]
         return data
     except Exception:
         if leave_out_unpicklable(spec):  # (raises for a name the cell only reads)
-            return _pack_spec(spec, lease)
+            return _pack_spec(spec, lease, local)
         raise
 
 

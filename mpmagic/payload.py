@@ -15,6 +15,7 @@ This module imports no IPython: workers import it.
 
 from __future__ import annotations
 
+import bisect
 import copyreg
 import ctypes
 import dis
@@ -509,6 +510,36 @@ def keep_all(objs: Any) -> None:
             into[id(obj)] = obj
 
 
+class _MapResults(threading.local):
+    on = False
+
+
+_map_results = _MapResults()
+
+
+class sending_map_results:
+    """``with sending_map_results():`` (a worker packing a map chunk's results) a helper
+    that this process made inside the task refuses to be pickled (``_Helper.__reduce__``):
+    its task ended and released it, so the notebook could not open it, and loading the
+    chunk failed on it, every item of the chunk with it (with ``errors="collect"`` too).
+    Refused here, it is that one result that cannot be sent, named as any other is.
+    (Not a ``%%parallel`` rank's value: a ``--keep`` rank's helpers outlive its cell.)"""
+
+    __slots__ = ("was",)
+
+    def __enter__(self) -> None:
+        self.was = _map_results.on
+        _map_results.on = True
+
+    def __exit__(self, *exc: object) -> None:
+        _map_results.on = self.was
+
+
+def sending_map_results_now() -> bool:
+    """Is this thread packing a map chunk's results (:class:`sending_map_results`)?"""
+    return _map_results.on
+
+
 class keeping:
     """``with keeping(kept):`` objects pickled in this thread meanwhile that call
     :func:`keep_alive` go into the dict ``kept`` (by id). Nests: the outer
@@ -811,6 +842,7 @@ def cloudpickle_dumps(obj: Any, buffer_callback: Any = None) -> bytes:
 
 
 _table_picklers: dict[tuple, type] = {}
+_TABLE_PICKLERS_KEPT = 64  # pickler classes kept: the tables in use are a handful; more were helpers' types
 
 
 def _with_table(base: type, buffer_callback: Any) -> type:
@@ -819,22 +851,32 @@ def _with_table(base: type, buffer_callback: Any) -> type:
     ``share()`` array (when ``buffer_callback`` is a lending ``shm.Collector`` and
     such arrays exist: it travels by reference, ``shm._reduce_array``), and a
     file-backed ``np.memmap`` inside ``memmaps_by_reference()`` (as its file's name,
-    :func:`memmap_reference`; plain pickle has no ``reducer_override``)."""
+    :func:`memmap_reference`; plain pickle has no ``reducer_override``), and there too a
+    numpy view or ``get_obj()`` of a Value's or Array's data (as the helper and the
+    view's place in it, :func:`helper_reference`)."""
     lent = buffer_callback.dispatch_table() if isinstance(buffer_callback, shm.Collector) else None
     # (plain pickle refuses the notebook's stream: cloudpickle's turn)
     out_stream = (getattr(sys.modules.get("ipykernel.iostream"), "OutStream", None)
                   if base is not pickle.Pickler else None)
     np = sys.modules.get("numpy") if _memmaps.on else None
-    if not lent and out_stream is None and np is None:  # (no table to build: each result a worker sends)
+    helpers = _memmaps.on and bool(_helper_memory)
+    if not lent and out_stream is None and np is None and not helpers:  # (no table to build: each result a worker sends)
         return base
     table = dict(lent or {})
     if out_stream is not None:
         table[out_stream] = _reduce_notebook_stream
     if np is not None:
         table[np.memmap] = _reduce_memmap
+    if helpers:  # (views of a Value's or Array's data, and get_obj(): by reference, helper_reference)
+        if np is not None:
+            table[np.ndarray] = _reduce_by_reference_lent if np.ndarray in table else _reduce_by_reference
+        for ctype in _helper_index().ctypes_types:
+            table[ctype] = _reduce_by_reference
     key = (base, *table.items())
     cls = _table_picklers.get(key)
     if cls is None:
+        if len(_table_picklers) >= _TABLE_PICKLERS_KEPT:  # (each new set of helpers' ctypes types makes a key)
+            _table_picklers.clear()
         own = getattr(base, "dispatch_table", copyreg.dispatch_table)  # (a C Pickler has none: copyreg's)
         cls = _table_picklers[key] = type(base.__name__, (base,), {"dispatch_table": ChainMap(table, own)})
     return cls
@@ -970,8 +1012,10 @@ class memmaps_by_reference:
     """``with memmaps_by_reference():`` a file-backed ``np.memmap`` (or a view of
     one) pickled in this thread meanwhile travels as its file's name and place
     (:func:`memmap_reference`), not its bytes: whoever loads it maps the same
-    file again. Only for workers on this machine (the local pool's payloads and
-    items); a Dask worker may be elsewhere, and gets the bytes as before."""
+    file again; a numpy view or ``get_obj()`` of an ``mpmagic.Value``'s or ``Array``'s
+    data travels as the helper and its place (:func:`helper_reference`). Only for
+    workers on this machine (the local pool's payloads and items); a Dask worker may
+    be elsewhere, and gets the bytes as before."""
 
     def __enter__(self) -> None:
         self._was = _memmaps.on
@@ -1047,6 +1091,138 @@ def _reopen_memmap(filename: str, dtype: Any, shape: tuple, strides: tuple, wher
 def _reduce_memmap(m: Any) -> Any:
     """A dispatch-table reducer of ``np.memmap`` (see :func:`_with_table`)."""
     return memmap_reference(m) or m.__reduce_ex__(PROTOCOL)
+
+
+# --------------------------------------------------------------------------
+# Views of a shared Value's or Array's memory: sent as a reference to the helper
+#
+# ``view = np.asarray(grid)`` (an ``mpmagic.Array``) is the shared memory itself, and
+# so is ``grid.get_obj()``. Pickled by value, a task that wrote ``view[i] = x`` wrote
+# into its worker's copy: the notebook's array stayed as it was (a ``%%parallel`` rank
+# said nothing), and ``get_obj()``'s ctypes array type failed to load in the worker.
+# Serially, and with ``multiprocessing``'s Array under fork, the writes land in the
+# shared array. Inside :class:`memmaps_by_reference` (a run's payload, for workers on
+# this machine) such a view travels as the helper (by name, kept alive by the run as
+# any helper it names) and where in its data the view lies; the worker makes the same
+# view over the helper's memory. Elsewhere (a queue's item, a result, Dask) the bytes
+# travel, as ``multiprocessing`` copies an array put in its queue.
+
+#: The data of this process's live Values and Arrays (``shared.values`` registers each
+#: as it is made or opened): (first address, bytes) -> the helper, weakly.
+_helper_memory: weakref.WeakValueDictionary[tuple[int, int], Any] = weakref.WeakValueDictionary()
+_helper_added = 0  # registrations so far: the sorted index below is made again after one
+
+
+class _HelperIndex(typing.NamedTuple):
+    """The registered ranges sorted by address, and the ctypes types of the helpers'
+    ``get_obj()``, as of ``added`` registrations: a look-up is a bisection, not a scan
+    of every helper for each numpy array a chunk holds. A helper dropped since is found
+    gone in ``_helper_memory`` (its weak entry left), so only new ones need a rebuild.
+    One tuple, replaced whole: a thread never sees one part new and another old."""
+
+    added: int
+    starts: list[int]
+    keys: list[tuple[int, int]]
+    ctypes_types: tuple[type, ...]
+
+
+_index = _HelperIndex(-1, [], [], ())
+
+
+def register_helper_memory(helper: Any, address: int, nbytes: int) -> None:
+    """``helper`` (a Value or Array) holds ``nbytes`` of data at ``address`` in this
+    process; ``helper._view_at(dtype, shape, strides, offset, writeable)`` and
+    ``helper.get_obj()`` make them again in another (see :func:`helper_reference`)."""
+    global _helper_added
+    if nbytes:
+        _helper_memory[(address, nbytes)] = helper
+        _helper_added += 1
+
+
+def _helper_index() -> _HelperIndex:
+    """The index of the live helpers' ranges, made again if one was registered since."""
+    global _index
+    index = _index
+    if index.added != _helper_added:
+        added = _helper_added
+        live = sorted(_helper_memory.items(), key=lambda kv: kv[0][0])
+        keys = [key for key, _ in live]
+        types = {type(helper.get_obj()) for _, helper in live}  # (in a fixed order: the pickler cache's key)
+        index = _index = _HelperIndex(added, [start for start, _ in keys], keys,
+                                      tuple(sorted(types, key=lambda t: (t.__qualname__, id(t)))))
+    return index
+
+
+def _helper_holding(low: int, high: int) -> tuple[Any, int] | None:
+    """(the live helper whose data holds the bytes [low, high), where ``low`` lies in its
+    data), or None. (The live helpers' data never overlap: each is a mapping of its own.)"""
+    index = _helper_index()
+    i = bisect.bisect_right(index.starts, low) - 1
+    if i < 0:
+        return None
+    start, nbytes = key = index.keys[i]
+    helper = _helper_memory.get(key)
+    if helper is None or not start <= low or high > start + nbytes:
+        return None
+    return helper, start
+
+
+def in_helper_memory(address: int, nbytes: int = 1) -> bool:
+    """Do the ``nbytes`` at ``address`` lie in a live Value's or Array's shared data?"""
+    return bool(_helper_memory) and _helper_holding(address, address + max(1, nbytes)) is not None
+
+
+def helper_reference(obj: Any) -> tuple | None:
+    """``(rebuild, args)`` for a numpy array (a view) or ctypes object whose memory lies
+    in a live Value's or Array's data; None for any other (pickled by value)."""
+    if not _helper_memory:
+        return None
+    if isinstance(obj, (ctypes.Array, ctypes._SimpleCData)):
+        address = ctypes.addressof(obj)
+        found = _helper_holding(address, address + ctypes.sizeof(obj))
+        if found is None or found[1] != address or type(found[0].get_obj()) is not type(obj):
+            return None  # (a part of one, or another type over it: its bytes, as before)
+        return _helper_obj, (found[0],)
+    np = sys.modules.get("numpy")
+    if np is None or type(obj) is not np.ndarray or not obj.size or obj.dtype.hasobject:
+        return None
+    try:
+        first = int(obj.__array_interface__["data"][0])
+    except Exception:
+        return None
+    low = high = first
+    for n, step in zip(obj.shape, obj.strides, strict=True):
+        if step < 0:
+            low += (n - 1) * step
+        else:
+            high += (n - 1) * step
+    found = _helper_holding(low, high + obj.itemsize)
+    if found is None:
+        return None
+    helper, start = found
+    return _helper_view, (helper, obj.dtype, obj.shape, obj.strides, first - start, bool(obj.flags.writeable))
+
+
+def _helper_obj(helper: Any) -> Any:
+    """The ctypes object :func:`helper_reference` sent: the helper's own (``get_obj()``)."""
+    return helper.get_obj()
+
+
+def _helper_view(helper: Any, dtype: Any, shape: tuple, strides: tuple, offset: int, writeable: bool) -> Any:
+    """The numpy view :func:`helper_reference` sent, over the helper's shared data."""
+    return helper._view_at(dtype, shape, strides, offset, writeable)
+
+
+def _reduce_by_reference(obj: Any) -> Any:
+    """A dispatch-table reducer of numpy arrays and the helpers' ctypes types (see
+    :func:`_with_table`): a view of a helper's data by reference, else as before."""
+    return helper_reference(obj) or obj.__reduce_ex__(PROTOCOL)
+
+
+def _reduce_by_reference_lent(obj: Any) -> Any:
+    """:func:`_reduce_by_reference` where the lending collector reduces numpy arrays
+    (``shm._reduce_array``: a strided view of a ``share()`` array by its place)."""
+    return helper_reference(obj) or shm._reduce_array(obj)
 
 
 def loads(data: bytes) -> Any:
@@ -1177,6 +1353,21 @@ def dumps_checked(obj: Any, what: str) -> bytes:
 # Explaining what cannot be pickled
 
 
+def dumps_queue_item(obj: Any, queue: str) -> bytes:
+    """:func:`dumps_data` for an item ``put`` in a shared queue (``queue``: how messages
+    name it), or one :class:`SerializationError` line naming the part of the item that
+    cannot be pickled, its type and what to do, as a map's items and results say it.
+
+    Pickle's own error (``TypeError: cannot pickle '_thread.lock' object``) named no
+    part of a nested item and came from a frame of the queue's; ``multiprocessing.Queue``
+    pickles in its feeder thread and drops such an item, printing a traceback there."""
+    try:
+        return dumps_data(obj)
+    except Exception as exc:
+        detail = explain_unpicklable(obj, "item", exc, item=True).split(": ", 1)[1]
+        raise SerializationError(f"cannot put an item in {queue}: {detail}") from None
+
+
 def _picklable(obj: Any) -> bool:
     try:
         _Pickler(io.BytesIO(), protocol=PROTOCOL).dump(obj)
@@ -1243,6 +1434,8 @@ def sent_globals(func: Any) -> tuple[dict[str, Any] | None, set[str]]:
 def _children(obj: Any) -> list[tuple[str, Any]]:
     """Named parts of ``obj`` that pickling it would also pickle."""
     out: list[tuple[str, Any]] = []
+    if hasattr(type(obj), "_by_name"):  # an mpmagic helper pickles by name, none of its parts (its mmap...)
+        return out
     if isinstance(obj, functools.partial):
         out.append(("func", obj.func))
         out += [(f"args[{i}]", a) for i, a in enumerate(obj.args)]
@@ -1444,6 +1637,8 @@ def result_advice(text: str) -> str:
                 "it, e.g. return asyncio.run(fetch(x)) instead of return fetch(x).")
     if "is a generator," in text:
         return "A generator is consumed where it is made: return list(gen) instead of gen."
+    if "a helper made in a task is released" in text:  # (its own advice is in the text: shared.base)
+        return "Return what the task read from it (v.value, list(q)...) instead."
     return "Return plain data (numbers, strings, lists, dicts, numpy arrays) instead."
 
 

@@ -729,12 +729,13 @@ def _named(f: Any, found: dict, seen: set, depth: int) -> None:
 
 
 def _in_shared_array(a: Any) -> bool:
-    """Does numpy array ``a`` start inside a :func:`mpmagic.share` array?"""
+    """Does numpy array ``a`` start inside a :func:`mpmagic.share` array, or an
+    ``mpmagic.Array``'s data (sent by reference: ``payload.helper_reference``)?"""
     try:
         start = int(a.__array_interface__["data"][0])
     except Exception:
         return False
-    return shm.shared_place(start) is not None
+    return shm.shared_place(start) is not None or payload.in_helper_memory(start)
 
 
 def _array_bytes(v: Any, depth: int) -> tuple[int, str]:
@@ -1141,8 +1142,10 @@ def _copied_array(value: Any) -> type | None:
         base = base.base  # (a view: the array that holds the memory)
     if isinstance(base, numpy.memmap) or isinstance(base.base, mmap.mmap):
         return None
-    if value.nbytes and shm.shared_place(value.__array_interface__["data"][0], value.nbytes) is not None:
-        return None
+    start = value.__array_interface__["data"][0]
+    if value.nbytes and (shm.shared_place(start, value.nbytes) is not None
+                         or payload.in_helper_memory(start, value.nbytes)):
+        return None  # (a share() array; a view of an mpmagic.Array, sent by reference: payload.helper_reference)
     return type(value)
 
 

@@ -1009,18 +1009,19 @@ def execute_map(
     # cpu: CPU seconds for the chunk (tells CPU-bound from waiting).
     meta: dict[str, Any] = {"worker": where, "start": start, "end": end, "cpu": cpu(), "rss": private_bytes()}
     _waited(meta, runq, runq_end, seconds)
-    try:
-        data = dumps_results(results)
-    except Exception as exc:
-        _close_coroutines(results)
-        bad = _first_unpicklable(results)
-        info = _unsendable_info(results[bad] if bad is not None else results, "result", exc)
-        if not msg.collect or bad is None:
-            return Unpicklable(call, tag, bad, info)
-        # --errors collect: only the results that cannot travel become failures.
-        results = [_sendable_or_error(r) for r in results]
-        failed[0] = sum(type(r) is ErrorInfo for r in results)
-        data = payload.dumps_data(results)
+    with payload.sending_map_results():  # (a helper the task made cannot go home: that result fails)
+        try:
+            data = dumps_results(results)
+        except Exception as exc:
+            _close_coroutines(results)
+            bad = _first_unpicklable(results)
+            info = _unsendable_info(results[bad] if bad is not None else results, "result", exc)
+            if not msg.collect or bad is None:
+                return Unpicklable(call, tag, bad, info)
+            # --errors collect: only the results that cannot travel become failures.
+            results = [_sendable_or_error(r) for r in results]
+            failed[0] = sum(type(r) is ErrorInfo for r in results)
+            data = payload.dumps_data(results)
     if msg.collect:
         # (0 too: the notebook looks for ErrorInfo among the results only when this says
         # some are there, or when it is missing: an older worker's reply)

@@ -1759,3 +1759,167 @@ def test_the_first_ctrl_c_on_a_helpers_wait_acts_even_just_after_an_interrupted_
         first_press_interrupts(blocked, after=0.1, within=0.9)
     finally:
         lock.release()
+
+
+def test_an_unpicklable_item_put_in_a_queue_names_where_it_is_in_one_line(ip, pool2):
+    """``q.put({'a': [1, threading.Lock()]})`` raised pickle's bare ``TypeError: cannot pickle
+    '_thread.lock' object`` from a frame of mpmagic's queue (in a task too), where a map's
+    result, an item and the Dask queue's put name the part that cannot go and what to do.
+    (``multiprocessing.Queue`` drops such an item in its feeder thread, printing a traceback.)"""
+    run(ip, "import mpmagic, threading\nbadq = mpmagic.Queue()\n"
+            "def put_bad(x):\n    badq.put({'a': [x, threading.Lock()]})\n    return x")
+    for cell in ("put_bad(1)", "%pmap -q put_bad, [1]"):
+        with pytest.raises(mpmagic.SerializationError) as info:
+            run(ip, cell)
+        text = str(info.value)
+        assert "cannot put an item in mpmagic.Queue" in text, text
+        assert "`item -> 'a' -> [1]` is a _thread.lock" in text and "mpmagic.Lock()" in text, text
+    assert run(ip, "badq.qsize()") == 0  # nothing half-put
+    drop(ip, "badq", "put_bad")
+
+
+def test_a_local_queues_join_thread_returns_none_as_multiprocessings():
+    """``q.join_thread()`` returned True (it is ``flush()``, which says whether the backlog
+    drained); ``multiprocessing.Queue.join_thread()`` and the Dask queue's return None."""
+    local_helpers()
+    ours, theirs = mpmagic.Queue(), MP.Queue()
+    for q in (ours, theirs):
+        q.put(1)
+        q.close()
+    assert ours.join_thread() is None and theirs.join_thread() is None
+    assert ours.flush(5) is True  # (flush keeps its answer)
+
+
+_VIEW_WRITES = {
+    # how a task reaches the shared array's memory: a numpy view captured, a slice of one
+    # passed as the item, the raw ctypes array (get_obj()) captured
+    "captured view": ("view = np.asarray(grid)\ndef write(i):\n    view[i] = i + 1\n", "%pmap -q write, range(4)"),
+    "item slices": ("view = grid.as_numpy()\ndef write(part):\n    part[:] = 7\n",
+                    "%pmap -q write, [view[0:2], view[2:4]]"),
+    "captured get_obj": ("raw = grid.get_obj()\ndef write(i):\n    raw[i] = i + 1\n", "%pmap -q write, range(4)"),
+}
+
+
+@pytest.mark.parametrize("how", list(_VIEW_WRITES))
+def test_a_tasks_writes_through_a_view_of_a_shared_array_reach_it_as_serially(ip, any_method, how):
+    """docs/shared.md: ``view = np.asarray(grid)`` is the shared memory itself. A task's
+    ``view[i] = ...`` wrote into the worker's copy of the view (pickled by value), so the
+    notebook's array stayed all zeros (a map said "changes ... in the workers' copies"; a
+    ``%%parallel`` cell said nothing), and a captured ``grid.get_obj()`` failed to load in the
+    worker ("type object 'PyCArrayType' has no attribute '__mul__'"). Serially, and with
+    ``multiprocessing``'s Array under fork, the writes land in the shared array."""
+    ensure_pool(any_method)
+    setup, cell = _VIEW_WRITES[how]
+    run(ip, "import mpmagic, numpy as np\ngrid = mpmagic.Array('d', 4)\n" + setup)
+    from IPython.utils.capture import capture_output
+
+    with capture_output() as cap:
+        run(ip, cell)
+    assert run(ip, "grid[:]") == ([7.0] * 4 if how == "item slices" else [1.0, 2.0, 3.0, 4.0])
+    assert "copies" not in cap.stderr, cap.stderr
+    drop(ip, "grid", "view", "raw", "write")
+
+
+def test_a_ranks_writes_through_a_view_of_a_shared_array_reach_it(ip, pool2):
+    """The same in a ``%%parallel`` cell: each rank writes its part of ``view``, a strided
+    one too; the notebook's ``grid`` holds them, and a read-only view stays read-only."""
+    run(ip, "import mpmagic, numpy as np\ngrid = mpmagic.Array('i', 8)\nview = np.asarray(grid)\n"
+            "evens = view[::2]\nfrozen = view[:2]\nfrozen.flags.writeable = False")
+    assert parallel(ip, "view[2 * rank + 1] = 10 + rank\nevens[rank] = rank + 1\nfrozen.flags.writeable", n=2) \
+        == [False, False]
+    assert run(ip, "grid[:]") == [1, 10, 2, 11, 0, 0, 0, 0]
+    drop(ip, "grid", "view", "evens", "frozen")
+
+
+def test_a_kept_ranks_writes_through_a_view_of_a_shared_array_reach_it(ip, pool2):
+    """``%%parallel --keep`` sends no pooled segments (its names outlive the run), and so
+    sent a view of an mpmagic.Array by value too: the ranks' writes were lost, silently."""
+    run(ip, "import mpmagic, numpy as np\ngrid = mpmagic.Array('i', 4)\nview = np.asarray(grid)")
+    parallel(ip, "view[rank] = rank + 5\nmine = view", n=2, extra="--keep")
+    assert run(ip, "grid[:]") == [5, 6, 0, 0]
+    parallel(ip, "mine[rank + 2] = 7", n=2, extra="--keep")  # (the kept rank's own name: the same memory)
+    assert run(ip, "grid[:]") == [5, 6, 7, 7]
+    drop(ip, "grid", "view")
+
+
+def test_a_value_shares_another_helpers_lock_as_multiprocessings(ip, pool2):
+    """``mpmagic.Value('i', 0, lock=counter.get_lock())`` (one lock over two values, the
+    classic way with ``multiprocessing``) was refused: "lock must be ... an mpmagic.Lock()/
+    RLock(), not _HolderLock (a multiprocessing lock cannot reach running workers)", though
+    it is mpmagic's own. Now it is that lock (``get_lock()`` is it), in tasks too, and it
+    keeps the helper it belongs to alive."""
+    theirs = MP.Value("i", 0)
+    assert MP.Value("i", 0, lock=theirs.get_lock()).get_lock() is theirs.get_lock()
+    run(ip, "import mpmagic\ncounter = mpmagic.Value('i', 0)\nhits = mpmagic.Array('i', 2, lock=counter.get_lock())\n"
+            "def count(i):\n    with counter.get_lock():\n        counter.value += 1\n        hits[i % 2] += 1\n"
+            "    return hits.get_lock() is counter.get_lock()")
+    assert run(ip, "hits.get_lock() is counter.get_lock()") is True
+    assert run(ip, "%pmap -q count, range(40)") == [True] * 40
+    assert run(ip, "(counter.value, hits[:])") == (40, [20, 20])
+    drop(ip, "counter")  # (hits keeps the lock's helper alive, as multiprocessing's lock lives on)
+    run(ip, "def more(i):\n    with hits.get_lock():\n        hits[0] += 1\n")
+    run(ip, "%pmap -q more, range(4)")
+    assert run(ip, "hits[:]") == [24, 20]
+    drop(ip, "hits", "count", "more")
+
+
+def test_a_put_after_close_is_refused_while_the_close_waits_in_the_backlog():
+    """A process whose ring was full when it called ``close()`` (the close waits behind its
+    items in the backlog) took a later ``put()``, and consumers got that item before the
+    end of the stream; ``multiprocessing.Queue`` raises ValueError at once (the local
+    queue does too when the ring had room)."""
+    local_helpers()
+    q = mpmagic.Queue(capacity=4096)
+    for i in range(500):  # (more than the ring holds: the rest wait in the backlog)
+        q.put(i)
+    q.close()
+    with pytest.raises(ValueError, match="is closed"):
+        q.put("after")
+    assert list(q) == list(range(500))
+
+
+def test_a_dask_queues_unpicklable_item_is_named_as_the_local_queues():
+    """The Dask queue's ``put`` said "cannot send an item put in the queue to the workers"
+    (its item was the root of the path): it now says what the local queue says. No
+    cluster needed: the item is pickled before Dask is asked anything."""
+    from mpmagic.backends.dask_shared import DaskQueue
+
+    theirs = object.__new__(DaskQueue)
+    with pytest.raises(mpmagic.SerializationError) as info:
+        theirs.put({"a": [1, threading.Lock()]})
+    text = str(info.value)
+    assert text.startswith("cannot put an item in mpmagic.Queue on Dask: `item -> 'a' -> [1]` is a _thread.lock"), text
+
+
+@pytest.mark.parametrize("make", ["Value('i', 0, lock=None)", "Array('d', 3, lock=None)"])
+def test_a_helper_made_with_lock_none_has_its_own_lock_as_multiprocessings(ip, make):
+    """``multiprocessing.Value(..., lock=None)`` (and Array) makes its own RLock, as
+    ``lock=True`` does; ours had none (as ``lock=False``): ``get_lock()`` raised, saying
+    it was made with lock=False, and each ``v.value`` access took no lock."""
+    local_helpers()
+    ours, theirs = eval("mpmagic." + make), eval("MP." + make)
+    for h in (theirs, ours):
+        lock = h.get_lock()
+        with h:
+            assert lock.acquire(timeout=1)  # (its own lock is an RLock)
+            lock.release()
+    assert ours._made_with() == ours._made_with().replace("lock=False", ""), ours._made_with()
+    drop(ip)
+
+
+def test_a_helper_made_in_a_task_and_returned_fails_its_item_alone(ip, pool2):
+    """One item of a chunk returned a helper its task made: loading the chunk's results in
+    the notebook failed on it, so every item of the chunk failed ("the results of items 0-5
+    ... cannot be loaded"), even with errors="collect", where the other five had results.
+    The worker now refuses that result as it refuses any unpicklable one: that item fails,
+    named, and the others' results arrive."""
+    run(ip, "import mpmagic\ndef some_value(i):\n    return mpmagic.Value('i', i) if i == 2 else i * 10")
+    got = run(ip, "mpmagic.pmap(some_value, range(6), chunksize=6, errors='collect')")
+    assert [r for i, r in enumerate(got) if i != 2] == [0, 10, 30, 40, 50]
+    assert isinstance(got[2], mpmagic.Failed) and "Make a new mpmagic.Value(...) in the notebook" in str(got[2].error)
+    with pytest.raises(mpmagic.SerializationError) as info:
+        run(ip, "%pmap -q --chunksize 6 some_value, range(6)")
+    text = str(info.value)
+    assert text.startswith("the result of item 2 of the input (2) cannot be sent back"), text
+    assert "Make a new mpmagic.Value(...) in the notebook" in text and "Return plain data" not in text, text
+    drop(ip, "some_value", "got")

@@ -1566,3 +1566,14 @@ def test_what_a_setup_printed_before_its_worker_died_is_shown(ip, local_pool, tm
     shown = capsys.readouterr()
     assert _setup_lines(shown.out, killed) == [f"[worker {killed}] loading"], shown
     assert shown.err.count(f"worker {killed} was killed by SIGKILL while running the worker setup") == 1, shown
+
+
+def test_a_helper_the_setup_made_comes_back_from_a_task(ip, local_pool):
+    """A worker's own helper (made by ``%%pool setup``, alive as long as the worker) may be a
+    map's result: only one a task made is refused (released as its task ends)."""
+    run(ip, "%%pool setup\nimport mpmagic\nINBOX = mpmagic.Queue()\n")
+    got = run(ip, "%pmap -q --chunksize 1 lambda x: INBOX, range(2)")
+    assert all(isinstance(q, mpmagic.shared.SharedQueue) for q in got), got
+    got[0].put("hi")
+    assert got[0].get(timeout=5) == "hi"
+    run(ip, "del _")

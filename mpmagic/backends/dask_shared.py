@@ -345,7 +345,7 @@ class DaskQueue(_OnDask, IterUntilClosed):
         task the notebook gave up never saw it (``_stop_if_given_up``) and kept its
         worker for good.
         """
-        data = payload.dumps_checked(obj, "an item put in the queue")
+        data = payload.dumps_queue_item(obj, "mpmagic.Queue on Dask")
         limit = _wait_for(block, timeout)
         try:
             self._put(data, limit)

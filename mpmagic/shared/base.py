@@ -79,6 +79,10 @@ _SEM_MAX = getattr(_SemLock, "SEM_VALUE_MAX", 32767) if _SemLock else 0
 _MAGIC = 0x6D706D6167696301  # "mpmagic" + layout version
 _HEADER = 128  # bytes of header (16 words) in front of every helper's data
 
+#: The origin of a helper a worker made outside any task (``%%pool setup``, a module's import):
+#: it lives as long as the worker, so a task may return it (``_Helper.__reduce__``).
+_OUTSIDE_TASKS = "a worker"
+
 _registry: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
 _registry_lock = threading.Lock()
 
@@ -563,7 +567,7 @@ class _Helper:
         self._spec, self._owner_pid = spec, _PID
         names: list[tuple[str, str]] = []
         tracked = _tracked_here()
-        self._origin = "" if tracked else debugging.TASK or "a worker"
+        self._origin = "" if tracked else debugging.TASK or _OUTSIDE_TASKS
         self._made = _made_where() if tracked else ""
         for _ in range(8):
             self._stem = _new_stem()
@@ -711,8 +715,21 @@ class _Helper:
         # Pickled into a run's payload (its function, items or cell): the run
         # keeps this object, and so its names, alive until it ends, even if the
         # notebook drops or rebinds it meanwhile (payload.keeping).
+        if self._origin not in ("", _OUTSIDE_TASKS) and self._owner_pid == _PID and payload.sending_map_results_now():
+            raise self._returned_from_its_task()
         payload.keep_alive(self)
         return (_attach, self._by_name())
+
+    def _returned_from_its_task(self) -> SharedObjectGone:
+        """A map task's result holds a helper that task made (in this worker): it is
+        released as the task ends, before the notebook could open it (it arrived gone,
+        and the whole chunk failed to load). Refused as the result is packed: that
+        item's result alone cannot be sent (``payload.sending_map_results``)."""
+        return SharedObjectGone(
+            f"{self._describe()} cannot go back to the notebook: a helper made in a task is released when "
+            f"the task ends, before the notebook can open it. Make a new mpmagic.{self._kind}(...) in the "
+            "notebook and pass it in (an item, or a name the function reads)"
+        )
 
     def _mpmagic_key(self) -> tuple:
         """What this helper is, for a checkpoint key (``checkpoint_keys``): its kind and

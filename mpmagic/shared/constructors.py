@@ -45,7 +45,8 @@ def Value(typecode: Any, value: Any = 0, lock: Any = True) -> SharedValue:
 
     ``typecode`` as in the array module ('i', 'd', 'b', 'c'...) or a ctypes
     type. ``lock=True`` gives it its own RLock (``get_lock()``), ``False`` none,
-    or pass an ``mpmagic.Lock()``/``RLock()`` to share one.
+    or pass an ``mpmagic.Lock()``/``RLock()`` (or another Value's or Array's
+    ``get_lock()``, as ``multiprocessing`` takes) to share one.
     """
     got = _backend_helper("Value", (typecode, value), _given(lock=(lock, True)))
     if got is not NotImplemented:

@@ -191,6 +191,17 @@ class _Ring:
     def closed(self) -> bool:
         return self.w[_W_CLOSES] >= self.w[_W_PRODUCERS]
 
+    def closed_here(self, local: _Local) -> bool:
+        """:meth:`closed`, counting this process's ``close()`` calls still waiting in its
+        backlog (the caller holds the mutex): a ``close()`` made while the ring was full
+        ends the stream for this process's later puts at once, as it does with room
+        (before, a ``put()`` after it was taken, and read before the end of the stream).
+        The feeder counts a close and clears it from the slot in one step, so the sum holds."""
+        if not local.backlog:
+            return self.closed()
+        i = self.slot(local, False)
+        return self.w[_W_CLOSES] + (self.t[i + _S_CLOSES] if i >= 0 else 0) >= self.w[_W_PRODUCERS]
+
     def slot(self, local: _Local, create: bool) -> int:
         """The word index of this process's slot in the table (-1: none, or no room)."""
         t, pid = self.t, base._PID
@@ -617,8 +628,9 @@ class SharedQueue(IterUntilClosed, _Helper):
     def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
         """Put ``obj`` in the queue. Only a bounded queue (``maxsize > 0``) that is
         full makes it wait: ``queue.Full`` after ``timeout`` seconds, or at once
-        with ``block=False``. Raises UsageError (a ValueError) once the queue is closed."""
-        data = payload.dumps_data(obj)
+        with ``block=False``. Raises UsageError (a ValueError) once the queue is closed,
+        and SerializationError naming the part of ``obj`` that cannot be pickled."""
+        data = payload.dumps_queue_item(obj, self._describe())
         need = 16 + _padded(len(data))
         r, w, maxsize = self._r, self._seg.words, self._maxsize
         timeout = wait_timeout(timeout)  # (10**400: no limit, not OverflowError below)
@@ -629,7 +641,7 @@ class SharedQueue(IterUntilClosed, _Helper):
             with local.lock:
                 accepted = written = room = False
                 with r.mutex:
-                    if r.closed():
+                    if r.closed_here(local):
                         raise UsageError(  # (a ValueError, as multiprocessing's; shown as one line, as get's QueueClosed)
                             f"{self._describe()} is closed: nothing more can be put in it. A close() ends the "
                             "stream for every process: with several producers, make it with "
@@ -688,7 +700,11 @@ class SharedQueue(IterUntilClosed, _Helper):
         is in the shared ring; True if it is, False after ``timeout`` seconds."""
         return self._local.wait_empty(wait_timeout(timeout))
 
-    join_thread = flush  # the stdlib's name for the same wait
+    def join_thread(self) -> None:
+        """Wait until this process's backlog is in the shared ring (:meth:`flush` with
+        no limit), as ``multiprocessing.Queue.join_thread`` waits for its feeder
+        thread; returns None, as that one (and the Dask queue's) does."""
+        self.flush()
 
     def cancel_join_thread(self) -> None:
         """``multiprocessing.Queue``'s way to keep a process's exit from waiting on

@@ -9,8 +9,9 @@ from collections.abc import Iterator
 from threading import get_ident as _get_ident
 from typing import Any
 
+from .. import payload
 from ..errors import UsageError
-from .base import _HEADER, _check_platform, _Helper, _LockSide
+from .base import _HEADER, _check_platform, _Helper, _HolderLock, _LockSide, _registry
 from .locks import SharedLock
 
 # --------------------------------------------------------------------------
@@ -42,12 +43,14 @@ def _typecode(typecode: Any, kind: str) -> str:
 
 
 def _lock_arg(lock: Any, kind: str) -> tuple[str, Any]:
-    """``lock=True`` (own RLock), False (none) or an mpmagic Lock/RLock to share."""
-    if lock is True:
+    """``lock=True`` or None (own RLock), False (none) or an mpmagic Lock/RLock to share: one
+    made with ``mpmagic.Lock()``/``RLock()``, or another Value's or Array's own
+    (``lock=counter.get_lock()``, as ``multiprocessing`` takes a Value's lock)."""
+    if lock is True or lock is None:  # (None: its own lock, as multiprocessing's lock=None makes one)
         return "own", None
-    if lock is False or lock is None:
+    if lock is False:
         return "none", None
-    if isinstance(lock, SharedLock):
+    if isinstance(lock, SharedLock) or (isinstance(lock, _HolderLock) and lock.helper is not None):
         return "given", lock
     raise UsageError(
         f"mpmagic.{kind}: lock must be True, False or an mpmagic.Lock()/RLock(), not {type(lock).__name__} "
@@ -74,10 +77,26 @@ class _Synchronized(_Helper):
         self._obj = ctype.from_buffer(self._seg.mmap, _HEADER)
         if mode == "own":
             self._lock: Any = self._own_lock(recursive=True)
-        elif mode == "given":
+        elif mode == "given" and isinstance(given, SharedLock):
             self._lock = given._lock
+        elif mode == "given":  # another helper's own lock: that helper lives as long as this one
+            self._lock = given
+            self._lock_helper = _registry.get(given.helper[1])
         else:
             self._lock = None
+        # (a numpy view or get_obj() of the data a run sends goes by reference: payload.helper_reference)
+        payload.register_helper_memory(self, ctypes.addressof(self._obj), ctypes.sizeof(self._obj))
+
+    def _view_at(self, dtype: Any, shape: tuple, strides: tuple, offset: int, writeable: bool) -> Any:
+        """A numpy array over this helper's data, ``offset`` bytes in (no copy, no lock):
+        the view of it a run sent from the notebook (``payload.helper_reference``)."""
+        import numpy
+
+        data = memoryview(self._seg.mmap)[_HEADER : _HEADER + ctypes.sizeof(self._obj)]
+        view = numpy.ndarray(shape, dtype, buffer=data, offset=offset, strides=strides)
+        if not writeable:
+            view.flags.writeable = False
+        return view
 
     @classmethod
     def _make(cls, typecode: Any, length: int | None, lock: Any) -> Any:
