@@ -215,6 +215,7 @@ def test_a_rank_waiting_in_queue_get_says_so_once_after_a_while(ip, pool2, capsy
     assert notes[0].startswith("[rank 1] mpmagic: this rank has waited ")
     assert "in mpmagic.Queue.get(): the queue is empty and not closed" in notes[0]
     assert "close() the queue" in notes[0]
+    run(ip, "del late, later")  # (the shared shell's later tests define and read names of their own)
 
 
 _WAIT_OR_SET = """

@@ -1315,6 +1315,8 @@ def test_exit_dunders_late_names_and_classes_of_a_setup_on_dask(ip, dask_cluster
     """The same on Dask, whose plugin runs the setup in each worker process: ``exit``
     bindable, ``__version__`` carried, a ``globals()`` write taken away by a clear, and a
     setup class's instances from several workers one class that keeps its methods."""
+    for name in ("late", "LATE_D", "SCALE", "DaskPoint", "set_scale"):  # (an earlier test's notebook name
+        ip.user_ns.pop(name, None)  # would be sent with the function, hiding the setup's, as serially)
     mpmagic.use_dask(dask_cluster.address)
     try:
         pool_module.get_pool().client.wait_for_workers(4, timeout=60)
