@@ -70,8 +70,14 @@ BLOBS = "blobs"
 _FORMAT_TAG = f"mpmagic-checkpoint-{FORMAT}"
 # Results whose out-of-band buffers (numpy arrays) total more than this go to
 # a file of their own: a 100 MB row would be copied twice through SQLite's
-# page cache, a file is one writev of the array's memory.
+# page cache, a file is one writev of the array's memory. So do results whose
+# own pickle is larger (bytes, strings, lists: pickled in-band).
 LARGE = 1 << 20
+# A chunk's row holds at most about this much; results past it go to files.
+# SQLite refuses a value over its length limit (SQLITE_MAX_LENGTH, 1 GB by
+# default): a chunk of big plain results (four 300 MB byte strings) was one
+# row over it ("string or blob too big"), and the run stored nothing more.
+_ROW_BYTES = 64 << 20
 # Keys per "IN (...)" query: under SQLite's oldest variable limit (999).
 _BATCH = 900
 _BLOB_MAGIC = b"MPMCKPT1"
@@ -219,14 +225,15 @@ def pack(results: list[tuple[bytes, Any]]) -> Packed:
     """``(item key, result)`` pairs as a :class:`Packed` snapshot; never raises.
 
     One pickle of the chunk in the common case (it is the row stored, so the
-    writer does not pickle again). With large buffers among them, one pickle
-    per result. A result that cannot be pickled is left out (a re-run
-    computes it).
+    writer does not pickle again). With large buffers among them, or a pickle
+    over ``_ROW_BYTES``, one pickle per result (the writer puts the large ones
+    in files: ``Store._files``). A result that cannot be pickled is left out
+    (a re-run computes it).
     """
     buffers = _Buffers()
     try:
         data = payload.dumps_data([r for _, r in results], buffers)
-        if not buffers.copies:
+        if not buffers.copies and len(data) <= _ROW_BYTES:
             return Packed(b"".join(k for k, _ in results), data)
     except Exception:
         log.debug("a chunk's results do not pickle together; storing them one by one")
@@ -726,13 +733,18 @@ class Store:
 
     def _files(self, run: bytes, chunk: Packed) -> tuple[bytes, bytes, int, BaseException | None]:
         """A chunk with large results: those written to files (a ``_File`` in the row), the
-        others as their own pickles. ``(keys, row pickle, bytes in files, first error)``."""
+        others as their own pickles. ``(keys, row pickle, bytes in files, first error)``.
+
+        A file holds each result with large buffers, each whose own pickle is over
+        ``LARGE``, and each that would take the row past ``_ROW_BYTES``: so no row
+        nears SQLite's length limit, however big the chunk's results."""
         keys: list[bytes] = []
         values: list[_File | _Pickled] = []
         in_files = 0
+        in_row = 0
         error: BaseException | None = None
         for key, inband, raws in chunk.items:
-            if raws:
+            if raws or len(inband) > LARGE or in_row + len(inband) > _ROW_BYTES:
                 try:
                     file_name, digest = self._write_file(run, key, inband, [memoryview(r) for r in raws])
                 except Exception as exc:  # (a full disk): the others are stored; the caller warns
@@ -743,6 +755,7 @@ class Store:
                 in_files += len(inband) + sum(len(r) for r in raws)
             else:
                 values.append(_Pickled(inband))
+                in_row += len(inband)
             keys.append(key)
         return b"".join(keys), payload.dumps_data(values), in_files, error
 

@@ -736,6 +736,47 @@ def test_results_changed_by_on_chunk_are_stored_as_the_worker_returned_them(ip, 
     assert again == [{"x": x} for x in range(40)]
 
 
+def _rows_scaled_down(monkeypatch) -> None:
+    """SQLite's largest value (1 GB by default) set to 3 MB on the test's store, and the
+    row bound (64 MB) to 2 MB, so that results of a few MB show what results of a GB do."""
+    from mpmagic import checkpoint_store
+
+    conn = checkpoint.open_store().conn
+    if not hasattr(conn, "setlimit"):  # (Python 3.11+)
+        pytest.skip("sqlite3.Connection.setlimit is Python 3.11+")
+    conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 3_000_000)
+    monkeypatch.setattr(checkpoint_store, "_ROW_BYTES", 2_000_000)
+
+
+def test_plain_results_too_big_for_one_sqlite_value_are_stored_as_files(ip, store_dir, monkeypatch):
+    # bytes, strings, lists pickle in-band (only numpy buffers went to files): a chunk of
+    # big ones was one row over SQLite's limit ("string or blob too big"), and the run,
+    # and every run of that call after it, stored nothing more.
+    run(ip, "def blob(x):\n    return bytes([x]) * 2_000_000 if x % 2 else [x] * 10\n")
+    _rows_scaled_down(monkeypatch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = run(ip, "%pmap -q --checkpoint --chunksize 4 blob, range(12)")
+    assert [str(w.message) for w in caught if "checkpoint" in str(w.message)] == []
+    again = run(ip, "%pmap -q --checkpoint --chunksize 4 blob, range(12)")
+    assert "resumed: 12 of 12" in api.last_report().line()
+    assert first == again == [bytes([x]) * 2_000_000 if x % 2 else [x] * 10 for x in range(12)]
+
+
+def test_a_chunk_of_many_mid_sized_results_is_not_one_row_over_the_limit(ip, store_dir, monkeypatch):
+    # Each result under the file threshold, the chunk's pickle over the row bound: the
+    # results past the bound go to files.
+    run(ip, "def mid(x):\n    return str(x) * 300_000\n")  # 600 kB each
+    _rows_scaled_down(monkeypatch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = run(ip, "%pmap -q --checkpoint --chunksize 10 mid, range(10, 30)")
+    assert [str(w.message) for w in caught if "checkpoint" in str(w.message)] == []
+    again = run(ip, "%pmap -q --checkpoint --chunksize 10 mid, range(10, 30)")
+    assert "resumed: 20 of 20" in api.last_report().line()
+    assert first == again == [str(x) * 300_000 for x in range(10, 30)]
+
+
 def test_a_full_disk_at_open_leaves_the_store_alone_and_warns_once(ip, store_dir, monkeypatch):
     run(ip, "%pmap -q --checkpoint work, range(5)")
     calls(ip)
