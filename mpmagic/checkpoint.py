@@ -702,9 +702,10 @@ class MapCheckpoint:
             log.debug("no run key for %s: %s", self.name, exc)
             raise ValueError(f"no checkpoint key for {self.name}") from exc
         _check_edited(f"this run of `{self.name}`", used)
-        self.store = open_store(location)
-        if self.store is None:  # (it warned) a plain run then: its report claims no checkpoint
+        store = open_store(location)
+        if store is None:  # (it warned) a plain run then: its report claims no checkpoint
             raise ValueError(f"no checkpoint store for {self.name}")
+        self.store: Store = store
         _readonly_note(self.store)
         if (why := unstable_reason(run_pickle)) is not None:
             _warn(f"mpmagic: --checkpoint: what `{self.name}` captures {why}; a new kernel will compute its items "
@@ -765,13 +766,13 @@ class MapCheckpoint:
             self._other_modules.update(results.modules)
             keys = [b""] * len(keys)
         if self.collect:  # only then can a result be a Failed: never stored
-            self.writer.put(_first_puts(self.run, [(k, r) for k, r in zip(keys, results, strict=True)
+            self.writer.put(_first_puts(self.store.dir, self.run, [(k, r) for k, r in zip(keys, results, strict=True)
                                                    if k and not isinstance(r, Failed)]))
             for idx, r in zip(positions, results, strict=True):  # a stream hands these on as they are
                 if isinstance(r, Failed):
                     self._place(r, idx)
         else:
-            self.writer.put(_first_puts(self.run, [(k, r) for k, r in zip(keys, results, strict=True) if k]))
+            self.writer.put(_first_puts(self.store.dir, self.run, [(k, r) for k, r in zip(keys, results, strict=True) if k]))
         if self.user_on_chunk is not None and not self._stopped:  # in input positions, each consecutive stretch
             for first, part in _stretches(positions, results):
                 self.user_on_chunk(first, part)
@@ -973,11 +974,13 @@ def _stretches(positions: list[int], results: list) -> Iterable[tuple[int, list]
 
 _active: dict[bytes, int] = {}  # run key -> checkpointed runs writing it now (in this process)
 _active_lock = threading.Lock()
-# Run key -> item keys put by the runs of that key in flight (in this process): kept
-# while one is, so that equal items of one input, and two copies of one call running
-# at once, store each result once (they stored it as often as it was computed:
-# [7] * 20 stored 20 rows-worth, two copies of a 50-item call 100 items).
-_put: dict[bytes, set[bytes]] = {}
+# (Store folder, run key) -> item keys put there by the runs of that key in flight (in
+# this process): kept while one is, so that equal items of one input, and two copies of
+# one call running at once, store each result once (they stored it as often as it was
+# computed: [7] * 20 stored 20 rows-worth, two copies of a 50-item call 100 items). By
+# folder too: two copies of one call into two folders each store every result (by run
+# key alone, the second folder kept none of the items the first had stored).
+_put: dict[tuple[Path, bytes], set[bytes]] = {}
 
 
 def _in_flight(run: bytes, delta: int) -> None:
@@ -987,14 +990,15 @@ def _in_flight(run: bytes, delta: int) -> None:
             _active[run] = n
         else:
             _active.pop(run, None)
-            _put.pop(run, None)
+            for where in [where for where in _put if where[1] == run]:
+                del _put[where]
 
 
-def _first_puts(run: bytes, pairs: list[tuple[bytes, Any]]) -> list[tuple[bytes, Any]]:
-    """``pairs`` less the item keys a run of key ``run`` in flight here has put already."""
+def _first_puts(folder: Path, run: bytes, pairs: list[tuple[bytes, Any]]) -> list[tuple[bytes, Any]]:
+    """``pairs`` less the item keys a run of key ``run`` in flight here has put in ``folder`` already."""
     out = []
     with _active_lock:
-        seen = _put.setdefault(run, set())
+        seen = _put.setdefault((folder, run), set())
         for pair in pairs:
             if pair[0] not in seen:
                 seen.add(pair[0])

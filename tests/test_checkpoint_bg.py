@@ -658,6 +658,19 @@ def test_equal_items_and_two_copies_of_one_call_running_at_once_store_each_resul
     assert sorted((r.name, r.items) for r in checkpoint.list_runs()) == [("slow", 50), ("work", 1)]
 
 
+def test_two_copies_of_one_call_running_at_once_into_two_folders_each_store_every_result(ns, tmp_path):
+    """The items one copy had stored were left out of the other's store: the second
+    folder kept none of them, and a re-run there computed them all again."""
+    other = tmp_path / "other"
+    first = mpmagic.submit(ns["slow"], range(50), checkpoint=True)
+    second = mpmagic.submit(ns["slow"], range(50), checkpoint=other)
+    assert first.result() == second.result() == [-x for x in range(50)]
+    calls(ns)
+    assert mpmagic.pmap(ns["slow"], range(50), checkpoint=other) == [-x for x in range(50)]
+    assert mpmagic.pmap(ns["slow"], range(50), checkpoint=True) == [-x for x in range(50)]
+    assert calls(ns) == []
+
+
 def test_a_store_that_cannot_be_written_is_said_once_by_a_checkpointed_imap(ns, monkeypatch, capsys, caplog):
     """The loop printed the run's warning, and the logger printed it again."""
     import logging
