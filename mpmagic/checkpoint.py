@@ -215,8 +215,12 @@ class _Writer:
     the batch was unbounded; the queue held a copy of each, too).
     """
 
-    def __init__(self, store: Store | None, run: bytes, name: str, say: Callable[[str], None] | None = None) -> None:
+    def __init__(self, store: Store | None, run: bytes, name: str, say: Callable[[str], None] | None = None,
+                 first_only: bool = False) -> None:
         self.store, self.run, self.name = store, run, name
+        # A map's writer: queue only the items no run of this key in flight here queued already
+        # (``_first_puts``; the runs are counted by ``_in_flight``). A cell's stores its ranks once.
+        self.first_only = first_only
         # Where the line this thread says goes (see _waiting): the notebook's stderr, in the cell
         # of a blocking run; a background run's live area (``say_to``), never the cell running then.
         self.say: Callable[[str], None] = say or _to_stderr
@@ -239,25 +243,35 @@ class _Writer:
 
     def put(self, pairs: list[tuple[bytes, Any]]) -> None:
         """Queue ``(item key, result)`` pairs to be stored as one chunk, as they are now
-        (waiting first while the queue holds more than ``_QUEUE_BYTES``)."""
+        (waiting first while the queue holds more than ``_QUEUE_BYTES``); with
+        ``first_only``, less the items a run of this key in flight here queued already.
+
+        All under ``_state``, against ``finish``: a chunk is queued before finish's end
+        mark, or dropped (a cancelled run's straggler, accepted after its run was
+        settled) without counting as queued. Counted as queued, those items were left
+        out by a copy of the call in flight then, and stored by neither."""
         if self.store is None or self.store.readonly or not pairs or self.error is not None:
             return
-        packed = pack(pairs)  # before the caller gets the objects back
-        size = _packed_bytes(packed)
         with self._state:
             if self._closed:  # a chunk accepted after the run was settled (a cancelled run's straggler)
                 log.debug("mpmagic: checkpoint: %d results came after the run ended; not stored", len(pairs))
                 return
+            if self.first_only:
+                pairs = _first_puts(self.store.dir, self.run, pairs)
+                if not pairs:
+                    return
+            packed = pack(pairs)  # before the caller gets the objects back
+            size = _packed_bytes(packed)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, daemon=True, name="mpmagic-checkpoint")
                 self._thread.start()
-        with self._cond:
-            while self._queued > _QUEUE_BYTES and self._queue and self.error is None:
-                self._cond.wait(1.0)
-            self._queue.append((packed, size))
-            self._queued += size
-            self.items += len(pairs)
-            self._cond.notify_all()
+            with self._cond:
+                while self._queued > _QUEUE_BYTES and self._queue and self.error is None:
+                    self._cond.wait(1.0)
+                self._queue.append((packed, size))
+                self._queued += size
+                self.items += len(pairs)
+                self._cond.notify_all()
 
     def _take(self) -> tuple[list[Packed], bool]:
         """The next transaction's chunks (at least one, at most ``_BATCH_BYTES`` unless one
@@ -715,7 +729,7 @@ class MapCheckpoint:
         # Items are sent while the notebook goes on (it may change them in place):
         # the plan keeps copies of them as keyed (``_Plan.add``).
         self.background = background
-        self.writer = _Writer(self.store, self.run, self.name)
+        self.writer = _Writer(self.store, self.run, self.name, first_only=True)
         self.plan = _Plan()
         self.plan.files.add(used)  # results are stored only while these files stay as keyed
         _in_flight(self.run, +1)  # the size cap never evicts a run still being written
@@ -766,13 +780,12 @@ class MapCheckpoint:
             self._other_modules.update(results.modules)
             keys = [b""] * len(keys)
         if self.collect:  # only then can a result be a Failed: never stored
-            self.writer.put(_first_puts(self.store.dir, self.run, [(k, r) for k, r in zip(keys, results, strict=True)
-                                                   if k and not isinstance(r, Failed)]))
+            self.writer.put([(k, r) for k, r in zip(keys, results, strict=True) if k and not isinstance(r, Failed)])
             for idx, r in zip(positions, results, strict=True):  # a stream hands these on as they are
                 if isinstance(r, Failed):
                     self._place(r, idx)
         else:
-            self.writer.put(_first_puts(self.store.dir, self.run, [(k, r) for k, r in zip(keys, results, strict=True) if k]))
+            self.writer.put([(k, r) for k, r in zip(keys, results, strict=True) if k])
         if self.user_on_chunk is not None and not self._stopped:  # in input positions, each consecutive stretch
             for first, part in _stretches(positions, results):
                 self.user_on_chunk(first, part)

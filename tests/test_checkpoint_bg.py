@@ -671,6 +671,27 @@ def test_two_copies_of_one_call_running_at_once_into_two_folders_each_store_ever
     assert calls(ns) == []
 
 
+def test_a_cancelled_runs_straggling_chunk_leaves_its_items_to_a_copy_of_the_call_in_flight(ns):
+    """A chunk that reaches a run already settled (a cancelled run's straggler) is not
+    stored, but it counted as stored all the same: a copy of the call in flight then,
+    which computed those items too, stored none of them, and the next run computed
+    them a third time."""
+    def start() -> checkpoint.MapCheckpoint:
+        ck = checkpoint.MapCheckpoint(ns["work"], (range(6),), star=False, errors="raise", location=True,
+                                      background=True)
+        ck.todo()
+        return ck
+
+    cancelled, again = start(), start()  # the user runs it again while the cancelled run's workers finish
+    cancelled.stop()
+    cancelled.settle()
+    cancelled.on_chunk(0, [0, 1, 4])  # its straggler
+    again.on_chunk(0, [0, 1, 4])
+    again.on_chunk(3, [9, 16, 25])
+    again.settle()
+    assert stored(ns, "work", range(6)) == set(range(6))
+
+
 def test_a_store_that_cannot_be_written_is_said_once_by_a_checkpointed_imap(ns, monkeypatch, capsys, caplog):
     """The loop printed the run's warning, and the logger printed it again."""
     import logging
