@@ -1019,6 +1019,15 @@ def _first_puts(folder: Path, run: bytes, pairs: list[tuple[bytes, Any]]) -> lis
     return out
 
 
+def _forget_puts(folder: Path) -> None:
+    """A clear in ``folder`` deleted what the runs in flight here had put there: their item
+    keys no longer count as stored, so a copy of the call started since (or the run itself)
+    stores them again. Kept, that copy computed the cleared items and stored none of them."""
+    with _active_lock:
+        for where in [where for where in _put if where[0] == folder]:
+            del _put[where]
+
+
 def _writing() -> set[bytes]:
     with _active_lock:
         return set(_active)
@@ -1422,7 +1431,12 @@ def list_runs(location: Any = True) -> list[RunInfo]:
 def clear(name: str | None = None, location: Any = True) -> int:
     """Delete the stored runs of function ``name`` (every run if None); returns how many."""
     store = open_store(location)
-    return store.clear(name) if store is not None else 0
+    if store is None:
+        return 0
+    try:
+        return store.clear(name)
+    finally:
+        _forget_puts(store.dir)
 
 
 class Checkpoints(list):
@@ -1485,6 +1499,8 @@ def manage(action: str | None, name: str | None = None) -> Any:
         n = store.clear(name)
     except (CheckpointError, sqlite3.Error, OSError) as exc:
         raise MPMagicError(f"%pool checkpoints clear: {exc}") from None
+    finally:
+        _forget_puts(store.dir)
     what = f"named {name!r} " if name else ""
     # What it deleted: the runs' sizes, as the listing shows them (Store.clear); a disk
     # the store filled and the clear left full says so (still_full), never only "deleted".

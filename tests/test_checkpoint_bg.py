@@ -692,6 +692,34 @@ def test_a_cancelled_runs_straggling_chunk_leaves_its_items_to_a_copy_of_the_cal
     assert stored(ns, "work", range(6)) == set(range(6))
 
 
+@pytest.mark.parametrize("how", ["api", "magic"])
+def test_a_clear_while_a_run_is_in_flight_lets_a_copy_of_the_call_store_the_cleared_items(ns, how):
+    """The items a run in flight had stored still counted as stored after a clear: a copy
+    of the call started then computed them and stored none of them."""
+    def start() -> checkpoint.MapCheckpoint:
+        ck = checkpoint.MapCheckpoint(ns["work"], (range(6),), star=False, errors="raise", location=True,
+                                      background=True)
+        ck.todo()
+        return ck
+
+    running = start()
+    running.on_chunk(0, [0, 1, 4])
+    deadline = time.monotonic() + 30
+    while stored(ns, "work", range(6)) != {0, 1, 2} and time.monotonic() < deadline:  # (its writer's commit)
+        time.sleep(0.01)
+    if how == "api":
+        assert checkpoint.clear("work") == 1
+    else:
+        checkpoint.manage("clear", "work")
+    assert stored(ns, "work", range(6)) == set()
+    again = start()
+    again.on_chunk(0, [0, 1, 4])
+    again.on_chunk(3, [9, 16, 25])
+    again.settle()
+    running.settle()
+    assert stored(ns, "work", range(6)) == set(range(6))
+
+
 def test_a_store_that_cannot_be_written_is_said_once_by_a_checkpointed_imap(ns, monkeypatch, capsys, caplog):
     """The loop printed the run's warning, and the logger printed it again."""
     import logging
