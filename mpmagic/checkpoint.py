@@ -55,7 +55,7 @@ from .checkpoint_keys import (
     run_key,
     unstable_reason,
 )
-from .checkpoint_store import CheckpointError, Packed, RunInfo, Store, pack
+from .checkpoint_store import CheckpointError, KeyIndex, Packed, RunInfo, Store, pack
 from .checkpoint_store import warn as _warn
 from .errors import STOPPED_OUTCOME, interrupt_outcome, run_interrupted, set_interrupt_outcome
 from .errors import renumber_items as _renumber
@@ -349,11 +349,11 @@ def _packed_bytes(packed: Packed) -> int:
     return sum(len(inband) + sum(len(r) for r in raws) for _, inband, raws in packed.items)
 
 
-def _load(store: Store | None, run: bytes, keys: list[bytes]) -> dict[bytes, Any]:
+def _load(store: Store | None, run: bytes, keys: list[bytes], index: KeyIndex | None = None) -> dict[bytes, Any]:
     if store is None or not keys:
         return {}
     try:
-        return store.load(run, keys)
+        return store.load(run, keys, index)
     except Exception as exc:
         _warn(f"mpmagic: could not read the checkpoint store {store.path} ({type(exc).__name__}: {exc}); "
               "computing every item")
@@ -377,8 +377,12 @@ class _Plan:
         self._listeners: list[Callable[[int, list], None]] = []
         self._lock = threading.Lock()
 
-    def add(self, items: list, store: Store | None, run: bytes, copy: bool = False) -> list:
+    def add(self, items: list, store: Store | None, run: bytes, copy: bool = False,
+            index: KeyIndex | None = None) -> list:
         """Key a batch of items, take what is stored, return the items to compute.
+
+        ``index``: where the store has the run's keys, as the previous batch of a lazy
+        input left it (``Store.load``): each batch reads only the chunks stored since.
 
         ``copy``: the items are sent later than now (a background run, a stream,
         a lazy input): return private copies in the keyed state
@@ -422,7 +426,7 @@ class _Plan:
                 if data is not None and (why := unstable_reason(data)):
                     self.unstable = f"item {base + i} {why}"
                     break
-        found = _load(store, run, [k for k in keys if k])
+        found = _load(store, run, [k for k in keys if k], index)
         todo = []
         with self._lock:
             self.keys += keys
@@ -1160,6 +1164,7 @@ def _lazy(it: Any, plan: _Plan, store: Store | None, run: bytes, read_first: boo
     def batches() -> Iterator[list]:
         done, n_read = False, 0
         last: list = []
+        index = KeyIndex()  # (each stored chunk's keys read once, not once per batch; freed with the input)
         while not done:
             batch: list = []
             error: BaseException | None = None
@@ -1176,7 +1181,7 @@ def _lazy(it: Any, plan: _Plan, store: Store | None, run: bytes, read_first: boo
                 batch, done = batch[:keep], True
             n_read, last = n_read + len(batch), batch[-2:]
             if batch:
-                yield plan.add(batch, store, run, copy=True)
+                yield plan.add(batch, store, run, copy=True, index=index)
             if error is not None:
                 raise error
 

@@ -151,6 +151,27 @@ _live: weakref.WeakSet[Store] = weakref.WeakSet()
 _IN_USE_LOCKS = (("", 0x40000002, 510), ("-shm", 128, 1))
 
 
+class KeyIndex:
+    """Where a run's item keys are stored, ``key -> (chunk id, position)``, as read from
+    its chunks up to chunk ``last``: kept by one run's lookups (a lazy input's batches,
+    ``checkpoint._Plan``), so each lookup reads only the keys of the chunks stored since.
+
+    Why: each lookup read the keys of every chunk of the run, so a generator's
+    resume, looked up batch by batch, was quadratic: 100,000 stored items took
+    6.5 s from a generator against 0.27 s from a list (one lookup).
+    An entry may go stale (its chunk deleted by a clear or the size cap, its
+    id reused by another chunk, SQLite's ids being max + 1): ``Store._locate``
+    checks each key at its place in the row it reads, and a stale index is
+    read again whole, so it never gives another item's result.
+    """
+
+    __slots__ = ("where", "last")
+
+    def __init__(self) -> None:
+        self.where: dict[bytes, tuple[int, int]] = {}
+        self.last = 0  # the highest chunk id read
+
+
 @dataclass
 class RunInfo:
     """One stored run, as ``%pool checkpoints`` lists it."""
@@ -576,31 +597,22 @@ class Store:
             log.debug("checkpoint: could not clean %s: %s", self.blobs, exc)
 
     # -- reading -------------------------------------------------------------
-    def load(self, run: bytes, keys: Iterable[bytes]) -> dict[bytes, Any]:
+    def load(self, run: bytes, keys: Iterable[bytes], index: KeyIndex | None = None) -> dict[bytes, Any]:
         """The stored results among ``keys`` of ``run``: ``{item key: result}``.
 
         A chunk or file that fails its digest or does not load is left out
-        (its items are computed again), with one warning.
+        (its items are computed again), with one warning. ``index``: where the
+        run's keys are, as an earlier lookup of this run left it (:class:`KeyIndex`);
+        only the chunks stored since are read, and it is brought up to date.
         """
         wanted = set(keys)
-        where: dict[bytes, tuple[int, int]] = {}  # item key -> (chunk id, position); later chunks win
+        index = index if index is not None else KeyIndex()
         with self._lock:
-            for cid, blob in self.conn.execute("SELECT id, keys FROM chunks WHERE run=? ORDER BY id", (run,)):
-                n = len(blob) // _KEY
-                keys_here = [blob[i : i + _KEY] for i in range(0, n * _KEY, _KEY)]
-                where.update(zip(keys_here, zip(itertools.repeat(cid, n), range(n), strict=True), strict=True))
-            need: dict[int, list[tuple[bytes, int]]] = {}
-            for k in wanted:
-                hit = where.get(k)
-                if hit is not None:
-                    need.setdefault(hit[0], []).append((k, hit[1]))
-            rows = []
-            ids = list(need)
-            for i in range(0, len(ids), _BATCH):
-                part = ids[i : i + _BATCH]
-                rows += self.conn.execute(
-                    f"SELECT id, digest, data FROM chunks WHERE id IN ({','.join('?' * len(part))})", part
-                ).fetchall()
+            need, rows, stale = self._locate(run, wanted, index)
+            if stale:  # chunks deleted since the index read them (a clear, the size cap): read them all again
+                index.where.clear()
+                index.last = 0
+                need, rows, _ = self._locate(run, wanted, index)
             if rows:
                 try:  # (for the size cap's "least recently used"): a store we may only read is still read
                     with self.conn:
@@ -610,15 +622,16 @@ class Store:
         found: dict[bytes, Any] = {}
         bad = 0
         for cid, digest, data in rows:
+            here = need[cid]
             try:
                 if _digest(data) != digest:
                     raise CheckpointError("digest mismatch")
                 values = _loads(data)
             except Exception as exc:
-                bad += len(need[cid])
+                bad += len(here)
                 log.debug("checkpoint chunk %d unreadable: %s", cid, exc)
                 continue
-            for k, pos in need[cid]:
+            for k, pos in here:
                 v = values[pos]
                 try:
                     if type(v) is _File:
@@ -634,6 +647,38 @@ class Store:
             warn(f"mpmagic: {bad} stored result{'s' if bad > 1 else ''} in {self.path} failed their check "
                   "(damaged file?); computing them again")
         return found
+
+    def _locate(self, run: bytes, wanted: set[bytes], index: KeyIndex
+                ) -> tuple[dict[int, list[tuple[bytes, int]]], list[tuple[int, bytes, bytes]], bool]:
+        """Under the lock: the chunks holding ``wanted`` keys of ``run``, as ``{chunk id: [(key,
+        position)]}``, their rows ``(id, digest, data)``, and whether the index was stale
+        (a chunk it names is gone, or holds other keys: deleted, and its id reused)."""
+        where = index.where  # item key -> (chunk id, position); later chunks win
+        for cid, blob in self.conn.execute("SELECT id, keys FROM chunks WHERE run=? AND id>? ORDER BY id",
+                                           (run, index.last)):
+            n = len(blob) // _KEY
+            keys_here = [blob[i : i + _KEY] for i in range(0, n * _KEY, _KEY)]
+            where.update(zip(keys_here, zip(itertools.repeat(cid, n), range(n), strict=True), strict=True))
+            index.last = cid
+        need: dict[int, list[tuple[bytes, int]]] = {}
+        for k in wanted:
+            hit = where.get(k)
+            if hit is not None:
+                need.setdefault(hit[0], []).append((k, hit[1]))
+        rows = []
+        stale = False
+        ids = list(need)
+        for i in range(0, len(ids), _BATCH):
+            part = ids[i : i + _BATCH]
+            for cid, blob, digest, data in self.conn.execute(
+                f"SELECT id, keys, digest, data FROM chunks WHERE run=? AND id IN ({','.join('?' * len(part))})",
+                (run, *part),
+            ):
+                if any(blob[pos * _KEY : (pos + 1) * _KEY] != k for k, pos in need[cid]):
+                    stale = True
+                    continue
+                rows.append((cid, digest, data))
+        return need, rows, stale or len(rows) < len(need)
 
     def _read_file(self, ref: _File) -> Any:
         data = bytearray((self.blobs / ref.name).read_bytes())  # writable: arrays come back writable
