@@ -740,6 +740,9 @@ class MapCheckpoint:
         self._settled = False
         self._stopped = False  # cancelled: the user's on_chunk is not called any more (stop)
         self._placed: set[int] = set()  # ids of the Failed results already renumbered (kept alive by the run)
+        # Item keys of the results handed to the writer (stored by it, or by a run of this key in
+        # flight that queued them first): what ``kept`` counts, by the input places they answer
+        self._offered: set[bytes] = set()
         self.lead = 0.0  # seconds spent keying and looking up before a background run started
 
     # -- before the run ----------------------------------------------------------
@@ -784,12 +787,14 @@ class MapCheckpoint:
             self._other_modules.update(results.modules)
             keys = [b""] * len(keys)
         if self.collect:  # only then can a result be a Failed: never stored
-            self.writer.put([(k, r) for k, r in zip(keys, results, strict=True) if k and not isinstance(r, Failed)])
+            pairs = [(k, r) for k, r in zip(keys, results, strict=True) if k and not isinstance(r, Failed)]
             for idx, r in zip(positions, results, strict=True):  # a stream hands these on as they are
                 if isinstance(r, Failed):
                     self._place(r, idx)
         else:
-            self.writer.put([(k, r) for k, r in zip(keys, results, strict=True) if k])
+            pairs = [(k, r) for k, r in zip(keys, results, strict=True) if k]
+        self.writer.put(pairs)
+        self._offered.update(k for k, _ in pairs)
         if self.user_on_chunk is not None and not self._stopped:  # in input positions, each consecutive stretch
             for first, part in _stretches(positions, results):
                 self.user_on_chunk(first, part)
@@ -893,7 +898,14 @@ class MapCheckpoint:
         writer = self.writer
         if writer.store is None or writer.store.readonly or writer.error is not None:
             return ""
-        kept = self.resumed + writer.items
+        # By the input's places, not the results stored: a result answers each place of its
+        # item, stored or computed, and a copy of the call in flight may have stored it.
+        # (By the results, range(8) + [0, 1, 2, 3] interrupted after 0-3 said "keeps 4 of 12
+        # items: the same call again computes only the other 8", and it computed 4.)
+        plan = self.plan
+        missing = set(plan.missing)
+        stored = self._offered.union(k for i, k in enumerate(plan.keys) if i not in missing)  # (+ the resumed)
+        kept = sum(1 for k in plan.keys if k and k in stored)
         if type(self.items) not in (list, tuple, range):  # (a lazy input: its length is unknown)
             return (f"; its checkpoint keeps the results of {kept} item{'s' * (kept != 1)}: the same call again "
                     "computes only the others") if kept else "; no item of it had finished, so its checkpoint keeps none"

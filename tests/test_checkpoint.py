@@ -209,7 +209,9 @@ def test_lines_about_one_item_say_item_not_items():
         items=0, total=1, interrupted=True, failed=1).line()
     assert "for 0 of 1 item)" in synthetic_report(items=1, serial=1.0, extra={"compare_left_out": 1}).line()
     writer = SimpleNamespace(store=SimpleNamespace(readonly=False), error=None, items=1)
-    kept = checkpoint.MapCheckpoint.kept(SimpleNamespace(writer=writer, resumed=0, items=[1], total=1))
+    plan = SimpleNamespace(keys=[b"k" * 16], missing=[0], results=[None])  # its one item computed and stored
+    kept = checkpoint.MapCheckpoint.kept(SimpleNamespace(writer=writer, resumed=0, items=[1], total=1, plan=plan,
+                                                         _offered={b"k" * 16}))
     assert kept == "; its checkpoint keeps the result of its one item: the same call again computes none"
 
 
@@ -662,6 +664,38 @@ def test_an_interrupted_run_says_how_many_items_its_checkpoint_keeps(ip, store_d
     calls(ip)
     gate.touch()
     assert run(ip, call + ")") == [x * x for x in range(8)]
+    assert sorted(calls(ip)) == [4, 5, 6, 7]
+
+
+def test_an_interrupted_runs_count_of_kept_items_counts_equal_items_by_place(ip, store_dir, tmp_path):
+    """The count was of the results stored, not of the places in the input they answer:
+    four results stored for items 0-3 of range(8) + [0, 1, 2, 3] said "keeps the results
+    of 4 of its 12 items: the same call again computes only the other 8", and it computed 4."""
+    from mpmagic.errors import STOPPED_OUTCOME
+
+    gate = tmp_path / "gate"
+    run(ip, f"GATE = {str(gate)!r}\n"
+            "import os, signal, threading, time, mpmagic\n"
+            "def gated(x):\n"
+            "    work(x)\n"
+            "    while x >= 4 and not os.path.exists(GATE):\n"
+            "        time.sleep(0.02)\n"
+            "    return x * x\n"
+            "got = []\n"
+            "def press_after_four(start, results):\n"
+            "    got.extend(results)\n"
+            "    if len(got) == 4:  # (the others wait for the gate: no more come)\n"
+            "        threading.Timer(0.2, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()\n")
+    call = f"mpmagic.pmap(gated, list(range(8)) + [0, 1, 2, 3], chunksize=1, checkpoint={str(store_dir)!r}"
+    with capture_output():
+        result = ip.run_cell(call + ", on_chunk=press_after_four)", store_history=False)
+    err = result.error_in_exec
+    assert isinstance(err, KeyboardInterrupt), err
+    assert str(err) == (f"mpmagic.pmap interrupted: {STOPPED_OUTCOME}; its checkpoint keeps the results of 8 of "
+                        "its 12 items: the same call again computes only the other 4"), str(err)
+    calls(ip)
+    gate.touch()
+    assert run(ip, call + ")") == [x * x for x in list(range(8)) + [0, 1, 2, 3]]
     assert sorted(calls(ip)) == [4, 5, 6, 7]
 
 
