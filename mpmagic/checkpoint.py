@@ -742,6 +742,7 @@ class MapCheckpoint:
         self._placed: set[int] = set()  # ids of the Failed results already renumbered (kept alive by the run)
         # Item keys of the results handed to the writer (stored by it, or by a run of this key in
         # flight that queued them first): what ``kept`` counts, by the input places they answer
+        # (a blocking run's interrupt line: a background run or a stream needs none of them)
         self._offered: set[bytes] = set()
         self.lead = 0.0  # seconds spent keying and looking up before a background run started
 
@@ -794,7 +795,8 @@ class MapCheckpoint:
         else:
             pairs = [(k, r) for k, r in zip(keys, results, strict=True) if k]
         self.writer.put(pairs)
-        self._offered.update(k for k, _ in pairs)
+        if not self.background:
+            self._offered.update(k for k, _ in pairs)
         if self.user_on_chunk is not None and not self._stopped:  # in input positions, each consecutive stretch
             for first, part in _stretches(positions, results):
                 self.user_on_chunk(first, part)
