@@ -718,22 +718,30 @@ class Store:
         the caller says so, as for a row that cannot be written. ``waiting``:
         called once when the write waited :data:`_SAY_WAITING` s for another
         process's lock on the store (it then waits on, up to ``_BUSY_WAIT``).
+
+        The large results' files and the rows naming them are written under the
+        store's lock, as one step for the process's other threads: a clear (which
+        holds the lock) in between deleted a file whose row came after it (the next
+        lookup said "damaged file?"), and a clear of every run the file being
+        written, whose rename then stopped the run's storing. (A lookup waits for
+        such a write meanwhile; another kernel's clear is not held back.)
         """
         rows = []
         total = 0
         failure: BaseException | None = None
-        for chunk in chunks:
-            if chunk.data is not None:
-                keys, data, size = chunk.keys, chunk.data, 0
-            else:
-                keys, data, size, error = self._files(run, chunk)
-                failure = failure or error
-            if keys:
-                size += len(data) + len(keys)
-                rows.append((run, len(keys) // _KEY, keys, size, _digest(data), data))
-                total += size
-        if rows:
-            self._insert(run, name, rows, waiting)
+        with self._lock:
+            for chunk in chunks:
+                if chunk.data is not None:
+                    keys, data, size = chunk.keys, chunk.data, 0
+                else:
+                    keys, data, size, error = self._files(run, chunk)
+                    failure = failure or error
+                if keys:
+                    size += len(data) + len(keys)
+                    rows.append((run, len(keys) // _KEY, keys, size, _digest(data), data))
+                    total += size
+            if rows:
+                self._insert(run, name, rows, waiting)
         if failure is not None:
             raise failure
         return total

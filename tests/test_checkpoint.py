@@ -2314,3 +2314,45 @@ def test_a_lookup_index_made_stale_by_a_clear_never_gives_another_items_result(t
         assert store.load(run_id, [k3], index) == {k3: "new 3"}
     finally:
         store.close()
+
+
+def test_a_clear_while_a_large_result_is_being_written_leaves_no_row_without_its_file(tmp_path, monkeypatch):
+    """A clear (``%pool checkpoints clear`` while a background run goes on) between a large
+    result's file and its row deleted the file, and the row came after it: the next lookup
+    warned "failed their check (damaged file?)". (A clear of every run also deleted the
+    file being written, and its rename stopped the run's storing.) A chunk's files and its
+    row are one step for the other threads of the process now."""
+    np = pytest.importorskip("numpy")
+    store = Store(tmp_path)
+    run_id = b"r" * 16
+    store.put(run_id, "f", [(b"a" * 16, np.ones(300_000))])
+    written, go = threading.Event(), threading.Event()
+    write_file = Store._write_file
+
+    def slow_write(self, *args):
+        out = write_file(self, *args)
+        written.set()
+        go.wait(30)  # (a large result's fsync)
+        return out
+
+    monkeypatch.setattr(Store, "_write_file", slow_write)
+    writer = threading.Thread(target=store.put, args=(run_id, "f", [(b"b" * 16, np.full(300_000, 2.0))]))
+    writer.start()
+    try:
+        assert written.wait(30)
+        clearing = threading.Thread(target=store.clear)
+        clearing.start()
+        clearing.join(1.0)  # (the clear may go first: it must not then leave the row without its file)
+    finally:
+        go.set()
+        writer.join(30)
+    clearing.join(30)
+    monkeypatch.setattr(Store, "_write_file", write_file)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            found = store.load(run_id, [b"a" * 16, b"b" * 16])
+        assert [str(w.message) for w in caught] == []
+        assert found == {}  # (the clear came after the write: both deleted)
+    finally:
+        store.close()
