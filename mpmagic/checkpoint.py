@@ -910,7 +910,8 @@ class MapCheckpoint:
         kept = sum(1 for k in plan.keys if k and k in stored)
         if type(self.items) not in (list, tuple, range):  # (a lazy input: its length is unknown)
             return (f"; its checkpoint keeps the results of {kept} item{'s' * (kept != 1)}: the same call again "
-                    "computes only the others") if kept else "; no item of it had finished, so its checkpoint keeps none"
+                    f"computes only the others{self._read_past()}") if kept else \
+                "; no item of it had finished, so its checkpoint keeps none"
         total = self.total
         if not kept:
             return "; no item of it had finished, so its checkpoint keeps none"
@@ -920,6 +921,24 @@ class MapCheckpoint:
             return f"; its checkpoint keeps the results of all its {total} items: the same call again computes none"
         return (f"; its checkpoint keeps the results of {kept} of its {total} items: the same call again computes "
                 f"only the other {total - kept}")
+
+    def _read_past(self) -> str:
+        """The end of an interrupted run's line when its input is an iterator (a generator):
+        the run read it in batches, ahead of what finished, and the same iterator given
+        again goes on from where it was read, not from what finished: the items read and
+        not computed were silently missing from the next result. A list, a range or an
+        array is read anew by each run, as by serial ``map``."""
+        def is_iterator(obj: Any) -> bool:
+            try:
+                return iter(obj) is obj
+            except TypeError:
+                return False
+
+        if not any(is_iterator(it) for it in self.iterables):
+            return ""
+        read = len(self.plan.keys)
+        return (f", over its input made again (an iterator: this one was read {read} item{'s' * (read != 1)} in, "
+                "and goes on from there)")
 
     def stop(self) -> None:
         """The run is being cancelled: chunks still arriving are stored, and the user's

@@ -699,6 +699,37 @@ def test_an_interrupted_runs_count_of_kept_items_counts_equal_items_by_place(ip,
     assert sorted(calls(ip)) == [4, 5, 6, 7]
 
 
+def test_an_interrupted_run_over_a_generator_says_it_was_read_further_than_what_finished(ip, store_dir, tmp_path):
+    """"the same call again computes only the others" over the same generator went on from
+    where the run had read it (512 items in, in batches), not from what finished: the items
+    read and not computed were silently missing from the next result."""
+    from mpmagic.errors import STOPPED_OUTCOME
+
+    gate = tmp_path / "gate"
+    run(ip, f"GATE = {str(gate)!r}\n"
+            "import os, signal, threading, time, mpmagic\n"
+            "def gated(x):\n"
+            "    work(x)\n"
+            "    while x >= 4 and not os.path.exists(GATE):\n"
+            "        time.sleep(0.02)\n"
+            "    return x * x\n"
+            "got = []\n"
+            "def press_after_four(start, results):\n"
+            "    got.extend(results)\n"
+            "    if len(got) == 4:  # (the others wait for the gate: no more come)\n"
+            "        threading.Timer(0.2, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()\n"
+            "gen = (x for x in range(8))\n")
+    call = f"mpmagic.pmap(gated, gen, chunksize=1, checkpoint={str(store_dir)!r}"
+    with capture_output():
+        result = ip.run_cell(call + ", on_chunk=press_after_four)", store_history=False)
+    err = result.error_in_exec
+    assert isinstance(err, KeyboardInterrupt), err
+    assert str(err) == (f"mpmagic.pmap interrupted: {STOPPED_OUTCOME}; its checkpoint keeps the results of 4 items: "
+                        "the same call again computes only the others, over its input made again (an iterator: "
+                        "this one was read 8 items in, and goes on from there)"), str(err)
+    gate.touch()
+
+
 def _writer(folder: str, run_id: int, n: int, barrier) -> None:
     store = Store(folder)
     barrier.wait(60)  # both write at once: 2 x 200 small transactions interleave
