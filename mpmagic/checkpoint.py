@@ -55,7 +55,7 @@ from .checkpoint_keys import (
     run_key,
     unstable_reason,
 )
-from .checkpoint_store import CheckpointError, Packed, RunInfo, Store, pack
+from .checkpoint_store import CheckpointError, KeyIndex, Packed, RunInfo, Store, pack
 from .checkpoint_store import warn as _warn
 from .errors import STOPPED_OUTCOME, interrupt_outcome, run_interrupted, set_interrupt_outcome
 from .errors import renumber_items as _renumber
@@ -215,8 +215,12 @@ class _Writer:
     the batch was unbounded; the queue held a copy of each, too).
     """
 
-    def __init__(self, store: Store | None, run: bytes, name: str, say: Callable[[str], None] | None = None) -> None:
+    def __init__(self, store: Store | None, run: bytes, name: str, say: Callable[[str], None] | None = None,
+                 first_only: bool = False) -> None:
         self.store, self.run, self.name = store, run, name
+        # A map's writer: queue only the items no run of this key in flight here queued already
+        # (``_first_puts``; the runs are counted by ``_in_flight``). A cell's stores its ranks once.
+        self.first_only = first_only
         # Where the line this thread says goes (see _waiting): the notebook's stderr, in the cell
         # of a blocking run; a background run's live area (``say_to``), never the cell running then.
         self.say: Callable[[str], None] = say or _to_stderr
@@ -239,25 +243,35 @@ class _Writer:
 
     def put(self, pairs: list[tuple[bytes, Any]]) -> None:
         """Queue ``(item key, result)`` pairs to be stored as one chunk, as they are now
-        (waiting first while the queue holds more than ``_QUEUE_BYTES``)."""
+        (waiting first while the queue holds more than ``_QUEUE_BYTES``); with
+        ``first_only``, less the items a run of this key in flight here queued already.
+
+        All under ``_state``, against ``finish``: a chunk is queued before finish's end
+        mark, or dropped (a cancelled run's straggler, accepted after its run was
+        settled) without counting as queued. Counted as queued, those items were left
+        out by a copy of the call in flight then, and stored by neither."""
         if self.store is None or self.store.readonly or not pairs or self.error is not None:
             return
-        packed = pack(pairs)  # before the caller gets the objects back
-        size = _packed_bytes(packed)
         with self._state:
             if self._closed:  # a chunk accepted after the run was settled (a cancelled run's straggler)
                 log.debug("mpmagic: checkpoint: %d results came after the run ended; not stored", len(pairs))
                 return
+            if self.first_only:
+                pairs = _first_puts(self.store.dir, self.run, pairs)
+                if not pairs:
+                    return
+            packed = pack(pairs)  # before the caller gets the objects back
+            size = _packed_bytes(packed)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, daemon=True, name="mpmagic-checkpoint")
                 self._thread.start()
-        with self._cond:
-            while self._queued > _QUEUE_BYTES and self._queue and self.error is None:
-                self._cond.wait(1.0)
-            self._queue.append((packed, size))
-            self._queued += size
-            self.items += len(pairs)
-            self._cond.notify_all()
+            with self._cond:
+                while self._queued > _QUEUE_BYTES and self._queue and self.error is None:
+                    self._cond.wait(1.0)
+                self._queue.append((packed, size))
+                self._queued += size
+                self.items += len(pairs)
+                self._cond.notify_all()
 
     def _take(self) -> tuple[list[Packed], bool]:
         """The next transaction's chunks (at least one, at most ``_BATCH_BYTES`` unless one
@@ -335,11 +349,11 @@ def _packed_bytes(packed: Packed) -> int:
     return sum(len(inband) + sum(len(r) for r in raws) for _, inband, raws in packed.items)
 
 
-def _load(store: Store | None, run: bytes, keys: list[bytes]) -> dict[bytes, Any]:
+def _load(store: Store | None, run: bytes, keys: list[bytes], index: KeyIndex | None = None) -> dict[bytes, Any]:
     if store is None or not keys:
         return {}
     try:
-        return store.load(run, keys)
+        return store.load(run, keys, index)
     except Exception as exc:
         _warn(f"mpmagic: could not read the checkpoint store {store.path} ({type(exc).__name__}: {exc}); "
               "computing every item")
@@ -363,8 +377,12 @@ class _Plan:
         self._listeners: list[Callable[[int, list], None]] = []
         self._lock = threading.Lock()
 
-    def add(self, items: list, store: Store | None, run: bytes, copy: bool = False) -> list:
+    def add(self, items: list, store: Store | None, run: bytes, copy: bool = False,
+            index: KeyIndex | None = None) -> list:
         """Key a batch of items, take what is stored, return the items to compute.
+
+        ``index``: where the store has the run's keys, as the previous batch of a lazy
+        input left it (``Store.load``): each batch reads only the chunks stored since.
 
         ``copy``: the items are sent later than now (a background run, a stream,
         a lazy input): return private copies in the keyed state
@@ -408,7 +426,7 @@ class _Plan:
                 if data is not None and (why := unstable_reason(data)):
                     self.unstable = f"item {base + i} {why}"
                     break
-        found = _load(store, run, [k for k in keys if k])
+        found = _load(store, run, [k for k in keys if k], index)
         todo = []
         with self._lock:
             self.keys += keys
@@ -702,9 +720,10 @@ class MapCheckpoint:
             log.debug("no run key for %s: %s", self.name, exc)
             raise ValueError(f"no checkpoint key for {self.name}") from exc
         _check_edited(f"this run of `{self.name}`", used)
-        self.store = open_store(location)
-        if self.store is None:  # (it warned) a plain run then: its report claims no checkpoint
+        store = open_store(location)
+        if store is None:  # (it warned) a plain run then: its report claims no checkpoint
             raise ValueError(f"no checkpoint store for {self.name}")
+        self.store: Store = store
         _readonly_note(self.store)
         if (why := unstable_reason(run_pickle)) is not None:
             _warn(f"mpmagic: --checkpoint: what `{self.name}` captures {why}; a new kernel will compute its items "
@@ -714,13 +733,17 @@ class MapCheckpoint:
         # Items are sent while the notebook goes on (it may change them in place):
         # the plan keeps copies of them as keyed (``_Plan.add``).
         self.background = background
-        self.writer = _Writer(self.store, self.run, self.name)
+        self.writer = _Writer(self.store, self.run, self.name, first_only=True)
         self.plan = _Plan()
         self.plan.files.add(used)  # results are stored only while these files stay as keyed
         _in_flight(self.run, +1)  # the size cap never evicts a run still being written
         self._settled = False
         self._stopped = False  # cancelled: the user's on_chunk is not called any more (stop)
         self._placed: set[int] = set()  # ids of the Failed results already renumbered (kept alive by the run)
+        # Item keys of the results handed to the writer (stored by it, or by a run of this key in
+        # flight that queued them first): what ``kept`` counts, by the input places they answer
+        # (a blocking run's interrupt line: a background run or a stream needs none of them)
+        self._offered: set[bytes] = set()
         self.lead = 0.0  # seconds spent keying and looking up before a background run started
 
     # -- before the run ----------------------------------------------------------
@@ -765,13 +788,15 @@ class MapCheckpoint:
             self._other_modules.update(results.modules)
             keys = [b""] * len(keys)
         if self.collect:  # only then can a result be a Failed: never stored
-            self.writer.put(_first_puts(self.run, [(k, r) for k, r in zip(keys, results, strict=True)
-                                                   if k and not isinstance(r, Failed)]))
+            pairs = [(k, r) for k, r in zip(keys, results, strict=True) if k and not isinstance(r, Failed)]
             for idx, r in zip(positions, results, strict=True):  # a stream hands these on as they are
                 if isinstance(r, Failed):
                     self._place(r, idx)
         else:
-            self.writer.put(_first_puts(self.run, [(k, r) for k, r in zip(keys, results, strict=True) if k]))
+            pairs = [(k, r) for k, r in zip(keys, results, strict=True) if k]
+        self.writer.put(pairs)
+        if not self.background:
+            self._offered.update(k for k, _ in pairs)
         if self.user_on_chunk is not None and not self._stopped:  # in input positions, each consecutive stretch
             for first, part in _stretches(positions, results):
                 self.user_on_chunk(first, part)
@@ -875,10 +900,18 @@ class MapCheckpoint:
         writer = self.writer
         if writer.store is None or writer.store.readonly or writer.error is not None:
             return ""
-        kept = self.resumed + writer.items
+        # By the input's places, not the results stored: a result answers each place of its
+        # item, stored or computed, and a copy of the call in flight may have stored it.
+        # (By the results, range(8) + [0, 1, 2, 3] interrupted after 0-3 said "keeps 4 of 12
+        # items: the same call again computes only the other 8", and it computed 4.)
+        plan = self.plan
+        missing = set(plan.missing)
+        stored = self._offered.union(k for i, k in enumerate(plan.keys) if i not in missing)  # (+ the resumed)
+        kept = sum(1 for k in plan.keys if k and k in stored)
         if type(self.items) not in (list, tuple, range):  # (a lazy input: its length is unknown)
             return (f"; its checkpoint keeps the results of {kept} item{'s' * (kept != 1)}: the same call again "
-                    "computes only the others") if kept else "; no item of it had finished, so its checkpoint keeps none"
+                    f"computes only the others{self._read_past()}") if kept else \
+                "; no item of it had finished, so its checkpoint keeps none"
         total = self.total
         if not kept:
             return "; no item of it had finished, so its checkpoint keeps none"
@@ -888,6 +921,24 @@ class MapCheckpoint:
             return f"; its checkpoint keeps the results of all its {total} items: the same call again computes none"
         return (f"; its checkpoint keeps the results of {kept} of its {total} items: the same call again computes "
                 f"only the other {total - kept}")
+
+    def _read_past(self) -> str:
+        """The end of an interrupted run's line when its input is an iterator (a generator):
+        the run read it in batches, ahead of what finished, and the same iterator given
+        again goes on from where it was read, not from what finished: the items read and
+        not computed were silently missing from the next result. A list, a range or an
+        array is read anew by each run, as by serial ``map``."""
+        def is_iterator(obj: Any) -> bool:
+            try:
+                return iter(obj) is obj
+            except TypeError:
+                return False
+
+        if not any(is_iterator(it) for it in self.iterables):
+            return ""
+        read = len(self.plan.keys)
+        return (f", over its input made again (an iterator: this one was read {read} item{'s' * (read != 1)} in, "
+                "and goes on from there)")
 
     def stop(self) -> None:
         """The run is being cancelled: chunks still arriving are stored, and the user's
@@ -973,11 +1024,13 @@ def _stretches(positions: list[int], results: list) -> Iterable[tuple[int, list]
 
 _active: dict[bytes, int] = {}  # run key -> checkpointed runs writing it now (in this process)
 _active_lock = threading.Lock()
-# Run key -> item keys put by the runs of that key in flight (in this process): kept
-# while one is, so that equal items of one input, and two copies of one call running
-# at once, store each result once (they stored it as often as it was computed:
-# [7] * 20 stored 20 rows-worth, two copies of a 50-item call 100 items).
-_put: dict[bytes, set[bytes]] = {}
+# (Store folder, run key) -> item keys put there by the runs of that key in flight (in
+# this process): kept while one is, so that equal items of one input, and two copies of
+# one call running at once, store each result once (they stored it as often as it was
+# computed: [7] * 20 stored 20 rows-worth, two copies of a 50-item call 100 items). By
+# folder too: two copies of one call into two folders each store every result (by run
+# key alone, the second folder kept none of the items the first had stored).
+_put: dict[tuple[Path, bytes], set[bytes]] = {}
 
 
 def _in_flight(run: bytes, delta: int) -> None:
@@ -987,19 +1040,29 @@ def _in_flight(run: bytes, delta: int) -> None:
             _active[run] = n
         else:
             _active.pop(run, None)
-            _put.pop(run, None)
+            for where in [where for where in _put if where[1] == run]:
+                del _put[where]
 
 
-def _first_puts(run: bytes, pairs: list[tuple[bytes, Any]]) -> list[tuple[bytes, Any]]:
-    """``pairs`` less the item keys a run of key ``run`` in flight here has put already."""
+def _first_puts(folder: Path, run: bytes, pairs: list[tuple[bytes, Any]]) -> list[tuple[bytes, Any]]:
+    """``pairs`` less the item keys a run of key ``run`` in flight here has put in ``folder`` already."""
     out = []
     with _active_lock:
-        seen = _put.setdefault(run, set())
+        seen = _put.setdefault((folder, run), set())
         for pair in pairs:
             if pair[0] not in seen:
                 seen.add(pair[0])
                 out.append(pair)
     return out
+
+
+def _forget_puts(folder: Path) -> None:
+    """A clear in ``folder`` deleted what the runs in flight here had put there: their item
+    keys no longer count as stored, so a copy of the call started since (or the run itself)
+    stores them again. Kept, that copy computed the cleared items and stored none of them."""
+    with _active_lock:
+        for where in [where for where in _put if where[0] == folder]:
+            del _put[where]
 
 
 def _writing() -> set[bytes]:
@@ -1134,6 +1197,7 @@ def _lazy(it: Any, plan: _Plan, store: Store | None, run: bytes, read_first: boo
     def batches() -> Iterator[list]:
         done, n_read = False, 0
         last: list = []
+        index = KeyIndex()  # (each stored chunk's keys read once, not once per batch; freed with the input)
         while not done:
             batch: list = []
             error: BaseException | None = None
@@ -1150,7 +1214,7 @@ def _lazy(it: Any, plan: _Plan, store: Store | None, run: bytes, read_first: boo
                 batch, done = batch[:keep], True
             n_read, last = n_read + len(batch), batch[-2:]
             if batch:
-                yield plan.add(batch, store, run, copy=True)
+                yield plan.add(batch, store, run, copy=True, index=index)
             if error is not None:
                 raise error
 
@@ -1405,7 +1469,12 @@ def list_runs(location: Any = True) -> list[RunInfo]:
 def clear(name: str | None = None, location: Any = True) -> int:
     """Delete the stored runs of function ``name`` (every run if None); returns how many."""
     store = open_store(location)
-    return store.clear(name) if store is not None else 0
+    if store is None:
+        return 0
+    try:
+        return store.clear(name)
+    finally:
+        _forget_puts(store.dir)
 
 
 class Checkpoints(list):
@@ -1468,6 +1537,8 @@ def manage(action: str | None, name: str | None = None) -> Any:
         n = store.clear(name)
     except (CheckpointError, sqlite3.Error, OSError) as exc:
         raise MPMagicError(f"%pool checkpoints clear: {exc}") from None
+    finally:
+        _forget_puts(store.dir)
     what = f"named {name!r} " if name else ""
     # What it deleted: the runs' sizes, as the listing shows them (Store.clear); a disk
     # the store filled and the clear left full says so (still_full), never only "deleted".

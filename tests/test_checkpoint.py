@@ -209,7 +209,9 @@ def test_lines_about_one_item_say_item_not_items():
         items=0, total=1, interrupted=True, failed=1).line()
     assert "for 0 of 1 item)" in synthetic_report(items=1, serial=1.0, extra={"compare_left_out": 1}).line()
     writer = SimpleNamespace(store=SimpleNamespace(readonly=False), error=None, items=1)
-    kept = checkpoint.MapCheckpoint.kept(SimpleNamespace(writer=writer, resumed=0, items=[1], total=1))
+    plan = SimpleNamespace(keys=[b"k" * 16], missing=[0], results=[None])  # its one item computed and stored
+    kept = checkpoint.MapCheckpoint.kept(SimpleNamespace(writer=writer, resumed=0, items=[1], total=1, plan=plan,
+                                                         _offered={b"k" * 16}))
     assert kept == "; its checkpoint keeps the result of its one item: the same call again computes none"
 
 
@@ -379,6 +381,46 @@ def test_lazy_generator_input_and_several_iterables(ip, store_dir):
     assert "resumed: 0 of 6" in api.last_report().line()
     assert run(ip, "%pmap -q --checkpoint pow, range(6), [2] * 6") == [x**2 for x in range(6)]
     assert "resumed: 6 of 6" in api.last_report().line()
+
+
+class _CountingKeyReads:
+    """A store's connection that counts the chunks whose keys a lookup reads."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn, self.chunks_read = conn, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.conn, name)
+
+    def __enter__(self):
+        return self.conn.__enter__()
+
+    def __exit__(self, *exc):
+        return self.conn.__exit__(*exc)
+
+    def execute(self, sql: str, *args):
+        cursor = self.conn.execute(sql, *args)
+        if sql.startswith("SELECT id, keys FROM chunks"):
+            rows = cursor.fetchall()
+            self.chunks_read += len(rows)
+            return iter(rows)
+        return cursor
+
+
+def test_a_lazy_input_reads_each_stored_chunks_keys_once_not_once_per_batch(ip, store_dir, monkeypatch):
+    # A generator is looked up batch by batch; each lookup read the keys of every chunk
+    # of the run: quadratic (100,000 stored items: 6.5 s from a generator, 0.27 s from a list).
+    monkeypatch.setattr(checkpoint, "_LAZY_BATCH", 10)
+    run(ip, "%pmap -q --checkpoint --chunksize 5 work, range(200)")
+    calls(ip)
+    store = checkpoint.open_store()
+    with store._lock:
+        chunks = store.conn.execute("SELECT count(*) FROM chunks").fetchone()[0]
+    counting = _CountingKeyReads(store.conn)
+    monkeypatch.setattr(store, "conn", counting)
+    assert run(ip, "%pmap -q --checkpoint work, (x for x in range(200))") == [x * x for x in range(200)]
+    assert calls(ip) == []
+    assert counting.chunks_read == chunks == 40
 
 
 def test_large_numpy_results_go_to_files_and_come_back_equal(ip, store_dir):
@@ -625,6 +667,69 @@ def test_an_interrupted_run_says_how_many_items_its_checkpoint_keeps(ip, store_d
     assert sorted(calls(ip)) == [4, 5, 6, 7]
 
 
+def test_an_interrupted_runs_count_of_kept_items_counts_equal_items_by_place(ip, store_dir, tmp_path):
+    """The count was of the results stored, not of the places in the input they answer:
+    four results stored for items 0-3 of range(8) + [0, 1, 2, 3] said "keeps the results
+    of 4 of its 12 items: the same call again computes only the other 8", and it computed 4."""
+    from mpmagic.errors import STOPPED_OUTCOME
+
+    gate = tmp_path / "gate"
+    run(ip, f"GATE = {str(gate)!r}\n"
+            "import os, signal, threading, time, mpmagic\n"
+            "def gated(x):\n"
+            "    work(x)\n"
+            "    while x >= 4 and not os.path.exists(GATE):\n"
+            "        time.sleep(0.02)\n"
+            "    return x * x\n"
+            "got = []\n"
+            "def press_after_four(start, results):\n"
+            "    got.extend(results)\n"
+            "    if len(got) == 4:  # (the others wait for the gate: no more come)\n"
+            "        threading.Timer(0.2, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()\n")
+    call = f"mpmagic.pmap(gated, list(range(8)) + [0, 1, 2, 3], chunksize=1, checkpoint={str(store_dir)!r}"
+    with capture_output():
+        result = ip.run_cell(call + ", on_chunk=press_after_four)", store_history=False)
+    err = result.error_in_exec
+    assert isinstance(err, KeyboardInterrupt), err
+    assert str(err) == (f"mpmagic.pmap interrupted: {STOPPED_OUTCOME}; its checkpoint keeps the results of 8 of "
+                        "its 12 items: the same call again computes only the other 4"), str(err)
+    calls(ip)
+    gate.touch()
+    assert run(ip, call + ")") == [x * x for x in list(range(8)) + [0, 1, 2, 3]]
+    assert sorted(calls(ip)) == [4, 5, 6, 7]
+
+
+def test_an_interrupted_run_over_a_generator_says_it_was_read_further_than_what_finished(ip, store_dir, tmp_path):
+    """"the same call again computes only the others" over the same generator went on from
+    where the run had read it (512 items in, in batches), not from what finished: the items
+    read and not computed were silently missing from the next result."""
+    from mpmagic.errors import STOPPED_OUTCOME
+
+    gate = tmp_path / "gate"
+    run(ip, f"GATE = {str(gate)!r}\n"
+            "import os, signal, threading, time, mpmagic\n"
+            "def gated(x):\n"
+            "    work(x)\n"
+            "    while x >= 4 and not os.path.exists(GATE):\n"
+            "        time.sleep(0.02)\n"
+            "    return x * x\n"
+            "got = []\n"
+            "def press_after_four(start, results):\n"
+            "    got.extend(results)\n"
+            "    if len(got) == 4:  # (the others wait for the gate: no more come)\n"
+            "        threading.Timer(0.2, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()\n"
+            "gen = (x for x in range(8))\n")
+    call = f"mpmagic.pmap(gated, gen, chunksize=1, checkpoint={str(store_dir)!r}"
+    with capture_output():
+        result = ip.run_cell(call + ", on_chunk=press_after_four)", store_history=False)
+    err = result.error_in_exec
+    assert isinstance(err, KeyboardInterrupt), err
+    assert str(err) == (f"mpmagic.pmap interrupted: {STOPPED_OUTCOME}; its checkpoint keeps the results of 4 items: "
+                        "the same call again computes only the others, over its input made again (an iterator: "
+                        "this one was read 8 items in, and goes on from there)"), str(err)
+    gate.touch()
+
+
 def _writer(folder: str, run_id: int, n: int, barrier) -> None:
     store = Store(folder)
     barrier.wait(60)  # both write at once: 2 x 200 small transactions interleave
@@ -734,6 +839,47 @@ def test_results_changed_by_on_chunk_are_stored_as_the_worker_returned_them(ip, 
     again = run(ip, "mpmagic.pmap(box, range(40), checkpoint=True)")
     assert "resumed: 40 of 40" in api.last_report().line()
     assert again == [{"x": x} for x in range(40)]
+
+
+def _rows_scaled_down(monkeypatch) -> None:
+    """SQLite's largest value (1 GB by default) set to 3 MB on the test's store, and the
+    row bound (64 MB) to 2 MB, so that results of a few MB show what results of a GB do."""
+    from mpmagic import checkpoint_store
+
+    conn = checkpoint.open_store().conn
+    if not hasattr(conn, "setlimit"):  # (Python 3.11+)
+        pytest.skip("sqlite3.Connection.setlimit is Python 3.11+")
+    conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 3_000_000)
+    monkeypatch.setattr(checkpoint_store, "_ROW_BYTES", 2_000_000)
+
+
+def test_plain_results_too_big_for_one_sqlite_value_are_stored_as_files(ip, store_dir, monkeypatch):
+    # bytes, strings, lists pickle in-band (only numpy buffers went to files): a chunk of
+    # big ones was one row over SQLite's limit ("string or blob too big"), and the run,
+    # and every run of that call after it, stored nothing more.
+    run(ip, "def blob(x):\n    return bytes([x]) * 2_000_000 if x % 2 else [x] * 10\n")
+    _rows_scaled_down(monkeypatch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = run(ip, "%pmap -q --checkpoint --chunksize 4 blob, range(12)")
+    assert [str(w.message) for w in caught if "checkpoint" in str(w.message)] == []
+    again = run(ip, "%pmap -q --checkpoint --chunksize 4 blob, range(12)")
+    assert "resumed: 12 of 12" in api.last_report().line()
+    assert first == again == [bytes([x]) * 2_000_000 if x % 2 else [x] * 10 for x in range(12)]
+
+
+def test_a_chunk_of_many_mid_sized_results_is_not_one_row_over_the_limit(ip, store_dir, monkeypatch):
+    # Each result under the file threshold, the chunk's pickle over the row bound: the
+    # results past the bound go to files.
+    run(ip, "def mid(x):\n    return str(x) * 300_000\n")  # 600 kB each
+    _rows_scaled_down(monkeypatch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = run(ip, "%pmap -q --checkpoint --chunksize 10 mid, range(10, 30)")
+    assert [str(w.message) for w in caught if "checkpoint" in str(w.message)] == []
+    again = run(ip, "%pmap -q --checkpoint --chunksize 10 mid, range(10, 30)")
+    assert "resumed: 20 of 20" in api.last_report().line()
+    assert first == again == [str(x) * 300_000 for x in range(10, 30)]
 
 
 def test_a_full_disk_at_open_leaves_the_store_alone_and_warns_once(ip, store_dir, monkeypatch):
@@ -2178,3 +2324,66 @@ def test_pool_checkpoints_clear_of_a_run_frees_the_size_the_listing_shows(ip, st
                               f"({fmt_bytes(sizes[name])} freed)\n")
     assert not list((store_dir / "blobs").iterdir())
     assert [r.name for r in checkpoint.list_runs()] == ["work"]
+
+
+def test_a_lookup_index_made_stale_by_a_clear_never_gives_another_items_result(tmp_path):
+    """A lazy input's lookups keep where the run's keys are (``KeyIndex``); a clear in
+    between, and a chunk stored after it under a reused chunk id, must not make a key
+    read the result at its old place."""
+    from mpmagic.checkpoint_store import KeyIndex
+
+    store = Store(tmp_path)
+    try:
+        run_id, k1, k2, k3 = b"r" * 16, b"1" * 16, b"2" * 16, b"3" * 16
+        store.put(run_id, "f", [(k1, "old 1"), (k2, "old 2")])
+        index = KeyIndex()
+        assert store.load(run_id, [k1], index) == {k1: "old 1"}
+        store.clear()
+        store.put(run_id, "f", [(k2, "new 2"), (k1, "new 1")])  # (the same chunk id, SQLite's max + 1)
+        assert store.load(run_id, [k1, k2], index) == {k1: "new 1", k2: "new 2"}
+        store.put(run_id, "f", [(k3, "new 3")])
+        assert store.load(run_id, [k3], index) == {k3: "new 3"}
+    finally:
+        store.close()
+
+
+def test_a_clear_while_a_large_result_is_being_written_leaves_no_row_without_its_file(tmp_path, monkeypatch):
+    """A clear (``%pool checkpoints clear`` while a background run goes on) between a large
+    result's file and its row deleted the file, and the row came after it: the next lookup
+    warned "failed their check (damaged file?)". (A clear of every run also deleted the
+    file being written, and its rename stopped the run's storing.) A chunk's files and its
+    row are one step for the other threads of the process now."""
+    np = pytest.importorskip("numpy")
+    store = Store(tmp_path)
+    run_id = b"r" * 16
+    store.put(run_id, "f", [(b"a" * 16, np.ones(300_000))])
+    written, go = threading.Event(), threading.Event()
+    write_file = Store._write_file
+
+    def slow_write(self, *args):
+        out = write_file(self, *args)
+        written.set()
+        go.wait(30)  # (a large result's fsync)
+        return out
+
+    monkeypatch.setattr(Store, "_write_file", slow_write)
+    writer = threading.Thread(target=store.put, args=(run_id, "f", [(b"b" * 16, np.full(300_000, 2.0))]))
+    writer.start()
+    try:
+        assert written.wait(30)
+        clearing = threading.Thread(target=store.clear)
+        clearing.start()
+        clearing.join(1.0)  # (the clear may go first: it must not then leave the row without its file)
+    finally:
+        go.set()
+        writer.join(30)
+    clearing.join(30)
+    monkeypatch.setattr(Store, "_write_file", write_file)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            found = store.load(run_id, [b"a" * 16, b"b" * 16])
+        assert [str(w.message) for w in caught] == []
+        assert found == {}  # (the clear came after the write: both deleted)
+    finally:
+        store.close()

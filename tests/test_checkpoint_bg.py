@@ -658,6 +658,68 @@ def test_equal_items_and_two_copies_of_one_call_running_at_once_store_each_resul
     assert sorted((r.name, r.items) for r in checkpoint.list_runs()) == [("slow", 50), ("work", 1)]
 
 
+def test_two_copies_of_one_call_running_at_once_into_two_folders_each_store_every_result(ns, tmp_path):
+    """The items one copy had stored were left out of the other's store: the second
+    folder kept none of them, and a re-run there computed them all again."""
+    other = tmp_path / "other"
+    first = mpmagic.submit(ns["slow"], range(50), checkpoint=True)
+    second = mpmagic.submit(ns["slow"], range(50), checkpoint=other)
+    assert first.result() == second.result() == [-x for x in range(50)]
+    calls(ns)
+    assert mpmagic.pmap(ns["slow"], range(50), checkpoint=other) == [-x for x in range(50)]
+    assert mpmagic.pmap(ns["slow"], range(50), checkpoint=True) == [-x for x in range(50)]
+    assert calls(ns) == []
+
+
+def test_a_cancelled_runs_straggling_chunk_leaves_its_items_to_a_copy_of_the_call_in_flight(ns):
+    """A chunk that reaches a run already settled (a cancelled run's straggler) is not
+    stored, but it counted as stored all the same: a copy of the call in flight then,
+    which computed those items too, stored none of them, and the next run computed
+    them a third time."""
+    def start() -> checkpoint.MapCheckpoint:
+        ck = checkpoint.MapCheckpoint(ns["work"], (range(6),), star=False, errors="raise", location=True,
+                                      background=True)
+        ck.todo()
+        return ck
+
+    cancelled, again = start(), start()  # the user runs it again while the cancelled run's workers finish
+    cancelled.stop()
+    cancelled.settle()
+    cancelled.on_chunk(0, [0, 1, 4])  # its straggler
+    again.on_chunk(0, [0, 1, 4])
+    again.on_chunk(3, [9, 16, 25])
+    again.settle()
+    assert stored(ns, "work", range(6)) == set(range(6))
+
+
+@pytest.mark.parametrize("how", ["api", "magic"])
+def test_a_clear_while_a_run_is_in_flight_lets_a_copy_of_the_call_store_the_cleared_items(ns, how):
+    """The items a run in flight had stored still counted as stored after a clear: a copy
+    of the call started then computed them and stored none of them."""
+    def start() -> checkpoint.MapCheckpoint:
+        ck = checkpoint.MapCheckpoint(ns["work"], (range(6),), star=False, errors="raise", location=True,
+                                      background=True)
+        ck.todo()
+        return ck
+
+    running = start()
+    running.on_chunk(0, [0, 1, 4])
+    deadline = time.monotonic() + 30
+    while stored(ns, "work", range(6)) != {0, 1, 2} and time.monotonic() < deadline:  # (its writer's commit)
+        time.sleep(0.01)
+    if how == "api":
+        assert checkpoint.clear("work") == 1
+    else:
+        checkpoint.manage("clear", "work")
+    assert stored(ns, "work", range(6)) == set()
+    again = start()
+    again.on_chunk(0, [0, 1, 4])
+    again.on_chunk(3, [9, 16, 25])
+    again.settle()
+    running.settle()
+    assert stored(ns, "work", range(6)) == set(range(6))
+
+
 def test_a_store_that_cannot_be_written_is_said_once_by_a_checkpointed_imap(ns, monkeypatch, capsys, caplog):
     """The loop printed the run's warning, and the logger printed it again."""
     import logging
