@@ -816,6 +816,7 @@ def test_a_setup_runs_where_its_cell_ran_in_every_later_worker(ip, local_pool, t
     for name in ("expA", "expB"):
         (tmp_path / name / "data").mkdir(parents=True)
         (tmp_path / name / "cfg.txt").write_text(name[-1])
+    ip.user_ns.pop("CFG", None)  # (an earlier file's notebook CFG would win, as serially: test_fidelity_worker's)
     monkeypatch.setenv("MPM_SETUP_CFG", "A")
     monkeypatch.chdir(tmp_path / "expA")
     setup = ("%%pool setup\nimport os\nCFG = open('cfg.txt').read() + os.environ['MPM_SETUP_CFG']\n"
