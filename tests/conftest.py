@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import signal
 import sys
 import time
@@ -51,6 +52,7 @@ def ip():
     """
     shell = InteractiveShell.instance(colors="nocolor")
     shell.run_cell("%load_ext mpmagic", store_history=False)
+    _notebook_names.note_baseline(shell.user_ns)
     yield shell
     mpmagic.stop_pool()
 
@@ -357,6 +359,93 @@ def pool2(ip):
 def local_pool(method):
     """A 2-worker local pool with the test's start method."""
     return ensure_pool(method)
+
+
+#: IPython's own names, kept whoever made them: ``_``, ``__``, ``___``, ``_i``, ``_ii``,
+#: ``_iii``, ``_iN`` and ``_N`` (a cell's input and output history), ``_ih``, ``_oh``, ``_dh``.
+_IPYTHON_NAME = re.compile(r"_+|_i{1,3}|_i?\d+|_[iod]h")
+
+
+class _NotebookNamesPerModule:
+    """Each test module sees in the session's shell only the notebook names it made.
+
+    One ``ip`` shell serves every test file a test process runs, and which files share
+    a process, in which order, changes as tests are added (``--dist loadfile``). A
+    name one file left in ``ip.user_ns`` (``CFG = {'a': 1}``) was a notebook global for
+    a later file's test, and mpmagic, as serial Python, sends a function's notebook
+    globals with it: a ``%%pool setup`` defining the same name saw the notebook's value
+    and failed, in one file order only. So every name made since the shell was (not in
+    :meth:`note_baseline`'s set, not IPython's own) is owned by the module whose test (or
+    module-scoped fixture) made or rebound it; before a test, the names of other modules
+    are set aside and that module's own put back. Tests of one module still build on
+    each other's names, even when pytest interleaves modules' tests (it groups tests by
+    session-scoped parameters, ``method[forkserver]`` before ``method[spawn]``, across
+    modules): a module-scoped cleanup would not do. Set aside, not deleted: a module's
+    objects live on as they did (their ends, the session's leak checks, unchanged).
+
+    Cost: one pass over ``user_ns`` before and after each test (a few hundred names,
+    tens of microseconds), and only once the shell exists; it never creates it.
+    """
+
+    def __init__(self) -> None:
+        self.baseline: frozenset[str] | None = None
+        self.owner: dict[str, str] = {}  # name in user_ns -> its module
+        self.aside: dict[str, dict[str, Any]] = {}  # module -> its names set aside
+        self.seen: set[tuple[str, int]] = set()  # (name, id(value)) at the last look
+
+    def note_baseline(self, ns: dict[str, Any]) -> None:
+        """The names the shell has once made (mpmagic loaded): never set aside."""
+        if self.baseline is None:
+            self.baseline = frozenset(ns)
+            self.seen = self._look(ns)
+
+    @staticmethod
+    def _look(ns: dict[str, Any]) -> set[tuple[str, int]]:
+        return {(name, id(value)) for name, value in ns.items()}
+
+    def _own_what_changed(self, ns: dict[str, Any], module: str) -> None:
+        """Names bound or rebound since the last look are ``module``'s."""
+        look = self._look(ns)
+        assert self.baseline is not None
+        for name, _ in look - self.seen:
+            if name not in self.baseline and not _IPYTHON_NAME.fullmatch(name):
+                self.owner[name] = module
+        self.seen = look
+
+    def before(self, ns: dict[str, Any], module: str) -> None:
+        """Before a test of ``module``: only its own names, and the baseline's."""
+        if self.baseline is None:  # (a shell made without the ``ip`` fixture)
+            self.note_baseline(ns)
+        self._own_what_changed(ns, module)  # (its module-scoped fixtures made them)
+        others = [name for name, owner in self.owner.items() if owner != module]
+        for name in others:
+            aside = self.aside.setdefault(self.owner.pop(name), {})
+            if name in ns:  # (gone if a test deleted it, or a ``%reset``)
+                aside[name] = ns.pop(name)
+        for name, value in self.aside.pop(module, {}).items():
+            if name not in ns:  # (else its module-scoped fixture made it anew)
+                ns[name] = value
+                self.owner[name] = module
+        self.seen = self._look(ns)
+
+    def after(self, ns: dict[str, Any], module: str) -> None:
+        """After a test of ``module``: what it bound is its module's."""
+        if self.baseline is not None:
+            self._own_what_changed(ns, module)
+
+
+_notebook_names = _NotebookNamesPerModule()
+
+
+@pytest.fixture(autouse=True)
+def _notebook_names_of_this_module_only(request):
+    """See :class:`_NotebookNamesPerModule`; only once the session's shell exists."""
+    module = str(request.node.path)
+    if InteractiveShell.initialized():
+        _notebook_names.before(InteractiveShell.instance().user_ns, module)
+    yield
+    if InteractiveShell.initialized():  # (made during the test, its names are its module's too)
+        _notebook_names.after(InteractiveShell.instance().user_ns, module)
 
 
 @pytest.fixture(autouse=True)

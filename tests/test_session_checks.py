@@ -36,3 +36,22 @@ def test_a_process_a_test_left_running_fails_the_run_and_is_named(tmp_path, proc
                 os.kill(int(pid_file.read_text()), signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_notebook_names_a_module_made_are_its_own_even_as_modules_interleave():
+    """conftest.py's ``_notebook_names_of_this_module_only``: a name one test file
+    leaves in the session's shell is no later file's notebook global (a ``%%pool
+    setup`` of the same name would see it, as serially), and is still there for the
+    file's own later tests, though pytest ran another file's tests in between."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-p", "no:xdist",
+         str(TESTS / "session_probe_names_a.py"), str(TESTS / "session_probe_names_b.py")],
+        cwd=TESTS.parent, env={**os.environ, "MPMAGIC_TESTS_LEFT_WAIT": "0.5"},
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0 and "6 passed" in done.stdout, done.stdout + done.stderr
+    ran = [line.split("::")[1].split()[0] for line in done.stdout.splitlines() if " PASSED" in line]
+    assert ran == ["test_a_binds[forkserver]", "test_a_reads_its_names[forkserver]",
+                   "test_b_sees_none_of_module_a[forkserver]",  # (module b between module a's tests)
+                   "test_a_binds[spawn]", "test_a_reads_its_names[spawn]",
+                   "test_b_sees_none_of_module_a[spawn]"], done.stdout
