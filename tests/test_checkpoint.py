@@ -2387,3 +2387,17 @@ def test_a_clear_while_a_large_result_is_being_written_leaves_no_row_without_its
         assert found == {}  # (the clear came after the write: both deleted)
     finally:
         store.close()
+
+
+def test_a_failed_run_over_a_generator_says_how_far_it_was_read_in_the_input(ip, store_dir):
+    """The plain run inside a checkpointed one reads the checkpoint's iterator of missing
+    items: its note counted in that, not in the user's input. The note counts in the input."""
+    run(ip, "def fails_at_5(x):\n    if x == 5:\n        raise ValueError('item 5')\n    return work(x)\n"
+            "gen = iter(range(10**6))")
+    with pytest.raises(ValueError) as e:
+        run(ip, f"mpmagic.pmap(fails_at_5, gen, checkpoint={str(store_dir)!r})")
+    read = run(ip, "10**6 - sum(1 for _ in gen)")
+    notes = [n for n in e.value.__notes__ if "make its input again" in n]
+    assert notes == [f"mpmagic: to map it again, make its input again (an iterator: this one was read {read} items "
+                     "in, past item 5, which failed, and goes on from there)"], e.value.__notes__
+
