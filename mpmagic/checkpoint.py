@@ -691,6 +691,22 @@ def _setup_changed_line(run: str, what: str) -> str:
             f"setup and {what} were not stored; run it again to store them")
 
 
+def _say_other_runs(store: Store, name: str, run: bytes) -> None:
+    """Warn, once for the run (in its keying: the user's line), when its key has nothing
+    stored while runs of a function of its name are: it resumes nothing. The function's
+    code, what it captures or the worker setup changed since (its key covers them all),
+    so the stored results are not what this code computes, as serially they would not
+    be; without this line nothing said why a re-run computed everything (under -q, no
+    report). The key is one hash: which of them changed cannot be told from the store.
+    A warning as the checkpoint's others (-q hides only the report)."""
+    others = store.other_runs(name, run)
+    if others:
+        _warn(f"mpmagic: --checkpoint: this run of `{name}` resumes nothing: the store in {store.dir} holds "
+              f"{others} run{'s' * (others != 1)} of a function named `{name}` under other code, captured values "
+              f"or worker setup, whose results are not this code's; %pool checkpoints lists them, "
+              f"%pool checkpoints clear {name} deletes them")
+
+
 class MapCheckpoint:
     """One checkpointed map, whoever runs it: a blocking ``pmap``, a background
     run (``background.start``, as its ``resume``) or a stream (``imap``).
@@ -737,6 +753,7 @@ class MapCheckpoint:
         if (why := unstable_reason(run_pickle)) is not None:
             _warn(f"mpmagic: --checkpoint: what `{self.name}` captures {why}; a new kernel will compute its items "
                   "again. Capture a sorted tuple instead, or fix PYTHONHASHSEED")
+        _say_other_runs(self.store, self.name, self.run)
         self.collect = errors == "collect"
         self.user_on_chunk = on_chunk
         # Items are sent while the notebook goes on (it may change them in place):
