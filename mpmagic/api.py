@@ -889,7 +889,8 @@ def pmap(
         _run_with_progress(call.backend, job, bar, workers)
     except KeyboardInterrupt as exc:
         _interrupted(call, t0)
-        raise run_interrupted("mpmagic.pmap", exc) from None  # one line in IPython, as %pmap's
+        past = job.read_past_line(interrupted=True)  # (an iterator read ahead: the same one goes on from there)
+        raise run_interrupted("mpmagic.pmap", exc, f"; {past}" if past else "") from None  # one line, as %pmap's
     except BaseException as exc:  # what stopped the run itself (its on_chunk raised): the report is this run's
         _stopped(call, t0, exc)
         raise
@@ -899,6 +900,8 @@ def pmap(
         results = job.results()
     except BaseException as exc:
         _name_helpers(exc, job, given_func)
+        if past := job.read_past_line(interrupted=False):  # (an iterator read ahead: the same one goes on from there)
+            add_note(exc, f"mpmagic: {past}")  # (a checkpoint's run puts its own: drop_read_past_note)
         # (for %pdebug, --rerun-failed: several lists are zipped, read lazily, yet can be listed again)
         debugging.record_map(job, func, None, [], options,
                              items=_listed_again(iterables, given if seed is None else None))

@@ -57,7 +57,15 @@ from .checkpoint_keys import (
 )
 from .checkpoint_store import CheckpointError, KeyIndex, Packed, RunInfo, Store, pack
 from .checkpoint_store import warn as _warn
-from .errors import STOPPED_OUTCOME, interrupt_outcome, run_interrupted, set_interrupt_outcome
+from .errors import (
+    MAKE_INPUT_AGAIN,
+    STOPPED_OUTCOME,
+    add_note,
+    drop_read_past_note,
+    interrupt_outcome,
+    run_interrupted,
+    set_interrupt_outcome,
+)
 from .errors import renumber_items as _renumber
 from .fmt import fmt_bytes, func_name
 from .jobs import (
@@ -68,6 +76,7 @@ from .jobs import (
     input_raised_it,
     read_ahead_refusal,
     read_into,
+    read_past,
     shared_generator_error,
 )
 
@@ -682,6 +691,22 @@ def _setup_changed_line(run: str, what: str) -> str:
             f"setup and {what} were not stored; run it again to store them")
 
 
+def _say_other_runs(store: Store, name: str, run: bytes) -> None:
+    """Warn, once for the run (in its keying: the user's line), when its key has nothing
+    stored while runs of a function of its name are: it resumes nothing. The function's
+    code, what it captures or the worker setup changed since (its key covers them all),
+    so the stored results are not what this code computes, as serially they would not
+    be; without this line nothing said why a re-run computed everything (under -q, no
+    report). The key is one hash: which of them changed cannot be told from the store.
+    A warning as the checkpoint's others (-q hides only the report)."""
+    others = store.other_runs(name, run)
+    if others:
+        _warn(f"mpmagic: --checkpoint: this run of `{name}` resumes nothing: the store in {store.dir} holds "
+              f"{others} run{'s' * (others != 1)} of a function named `{name}` under other code, captured values "
+              f"or worker setup, whose results are not this code's; %pool checkpoints lists them, "
+              f"%pool checkpoints clear {name} deletes them")
+
+
 class MapCheckpoint:
     """One checkpointed map, whoever runs it: a blocking ``pmap``, a background
     run (``background.start``, as its ``resume``) or a stream (``imap``).
@@ -728,6 +753,7 @@ class MapCheckpoint:
         if (why := unstable_reason(run_pickle)) is not None:
             _warn(f"mpmagic: --checkpoint: what `{self.name}` captures {why}; a new kernel will compute its items "
                   "again. Capture a sorted tuple instead, or fix PYTHONHASHSEED")
+        _say_other_runs(self.store, self.name, self.run)
         self.collect = errors == "collect"
         self.user_on_chunk = on_chunk
         # Items are sent while the notebook goes on (it may change them in place):
@@ -882,6 +908,7 @@ class MapCheckpoint:
         """The run raised ``exc``: make "item N" in it, and in the run's ``report`` (None:
         the run made none), count in the whole input, the stored items among those done."""
         _renumber(exc, self.plan.missing)
+        drop_read_past_note(exc)  # (the inner run's counts in this checkpoint's iterator of missing items)
         if report is not None:
             missing = self.plan.missing
             if report.failed_at is not None and 0 <= report.failed_at < len(missing):
@@ -892,6 +919,10 @@ class MapCheckpoint:
             _in_input(report, missing)
             report.extra["checkpoint"] = {"resumed": self.resumed, "total": self.total,
                                           "computed": self.total - self.resumed}
+            read, at = len(self.plan.keys), report.failed_at
+            if at is not None and read > at + 1 and (words := read_past(self.iterables, read,
+                                                                        f", past item {at}, which failed")):
+                add_note(exc, f"mpmagic: {MAKE_INPUT_AGAIN} ({words})")  # (as a plain run's: MapJob.read_past_line)
 
     def kept(self) -> str:
         """After ``settle``: what the store keeps of this run, as the clause an
@@ -927,18 +958,9 @@ class MapCheckpoint:
         the run read it in batches, ahead of what finished, and the same iterator given
         again goes on from where it was read, not from what finished: the items read and
         not computed were silently missing from the next result. A list, a range or an
-        array is read anew by each run, as by serial ``map``."""
-        def is_iterator(obj: Any) -> bool:
-            try:
-                return iter(obj) is obj
-            except TypeError:
-                return False
-
-        if not any(is_iterator(it) for it in self.iterables):
-            return ""
-        read = len(self.plan.keys)
-        return (f", over its input made again (an iterator: this one was read {read} item{'s' * (read != 1)} in, "
-                "and goes on from there)")
+        array is read anew by each run, as by serial ``map`` (the words: ``jobs.read_past``)."""
+        words = read_past(self.iterables, len(self.plan.keys))
+        return f", over its input made again ({words})" if words else ""
 
     def stop(self) -> None:
         """The run is being cancelled: chunks still arriving are stored, and the user's

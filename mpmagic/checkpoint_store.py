@@ -854,6 +854,24 @@ class Store:
                 items.setdefault(run, set()).update(blob[i : i + _KEY] for i in range(0, len(blob), _KEY))
         return [RunInfo(name, len(items.get(run, ())), size, used, run) for name, size, used, run in rows]
 
+    def other_runs(self, name: str, run: bytes) -> int:
+        """How many stored runs (with results) of functions named ``name`` have another
+        key than ``run``: 0 when ``run`` itself has results stored (the run may resume
+        some), so a run that can resume nothing and whose name has runs under other
+        code or captures says so (``checkpoint._say_other_runs``). Two small indexed
+        queries; 0 when the store cannot be read (the run's own look-ups say why)."""
+        try:
+            with self._lock:
+                conn = self.conn
+                if conn.execute("SELECT 1 FROM chunks WHERE run=? LIMIT 1", (run,)).fetchone() is not None:
+                    return 0
+                return conn.execute(
+                    "SELECT count(*) FROM runs r WHERE r.name=? AND r.run<>? "
+                    "AND EXISTS (SELECT 1 FROM chunks c WHERE c.run = r.run)", (name, run)
+                ).fetchone()[0]
+        except sqlite3.Error:
+            return 0
+
     def total_bytes(self) -> int:
         with self._lock:
             return self.conn.execute("SELECT coalesce(sum(size), 0) FROM chunks").fetchone()[0]

@@ -359,19 +359,44 @@ IDLE_OUTCOME = ("none of its work was running at that moment, so no worker was s
                 "ready for the next run")
 
 
-def run_interrupted(what: str, exc: BaseException) -> KeyboardInterrupt:
-    """The one-line KeyboardInterrupt (``"{what} interrupted: {outcome}"``) of
+#: How the words for an iterator a run read ahead of what finished begin (``jobs.read_past``).
+MAKE_INPUT_AGAIN = "to map it again, make its input again"
+
+
+def drop_read_past_note(exc: BaseException) -> None:
+    """Take off ``exc`` (an item's error) the note a plain run added for its iterator
+    input read ahead (``MAKE_INPUT_AGAIN``): a checkpoint's inner run reads the
+    checkpoint's iterator of missing items, not the user's input, and counts in it."""
+    notes = getattr(exc, "__notes__", None)
+    lead = f"mpmagic: {MAKE_INPUT_AGAIN} ("
+    if isinstance(notes, list):
+        notes[:] = [n for n in notes if not (isinstance(n, str) and n.startswith(lead))]
+
+
+def interrupt_read_past(exc: BaseException) -> str:
+    """The clause :func:`run_interrupted` was given for an iterator the run read
+    ahead of what finished ("; to map it again, make its input again (...)"), or ""."""
+    return getattr(exc, "mpmagic_read_past", "")
+
+
+def run_interrupted(what: str, exc: BaseException, read_past: str = "") -> KeyboardInterrupt:
+    """The one-line KeyboardInterrupt (``"{what} interrupted: {outcome}{read_past}"``) of
     a blocking run the user interrupted while the call waited on it.
 
     ``what`` names the call (``mpmagic.pmap``); ``exc`` is the interrupt that
     landed in the wait, whose noted outcome (Dask's) is kept on the new one,
     so the magics over the call still say what the backend did. Without it,
     IPython showed a traceback through our waiting code (``Run.wait``) with
-    an empty message, where the magic shows one line.
+    an empty message, where the magic shows one line. ``read_past``: the clause
+    for an iterator input read ahead of what finished (``MapJob.read_past_line``),
+    kept apart from the outcome (:func:`interrupt_read_past`): a checkpoint's run
+    over it says its own (its inner run's input is the checkpoint's, not the user's).
     """
     outcome = interrupt_outcome(exc)
-    new = one_line_interrupt(f"{what} interrupted: {outcome or STOPPED_OUTCOME}")
+    new = one_line_interrupt(f"{what} interrupted: {outcome or STOPPED_OUTCOME}{read_past}")
     set_interrupt_outcome(new, outcome)
+    if read_past:
+        new.mpmagic_read_past = read_past  # type: ignore[attr-defined]
     return new
 
 

@@ -42,6 +42,7 @@ from . import (
 from .checks import run_timeout
 from .chunking import ChunkPlanner
 from .errors import (
+    MAKE_INPUT_AGAIN,
     ParallelError,
     RankStoppedError,
     RemoteError,
@@ -106,6 +107,32 @@ def short_repr(obj: Any, limit: int = 60) -> str:
 
 
 _LINE_BREAK = re.compile(r"\s*\n\s*")
+
+
+def _is_iterator(obj: Any) -> bool:
+    """Is ``obj`` its own iterator (a generator, a file, ``iter(...)``): read once, not anew by each run?"""
+    try:
+        return iter(obj) is obj
+    except TypeError:
+        return False
+
+
+def read_past(iterables: Sequence, read: int, past: str = "") -> str:
+    """The words for a run's input read ahead of what finished, or "" when none of
+    ``iterables`` (what the caller passed) is an iterator.
+
+    A run reads an iterator in chunks, ahead of the calls (the workers never wait for
+    the input); serial ``map`` stopped at item k has read items 0..k. The same
+    iterator given again goes on from where the run read it: the items read and not
+    returned would be silently missing from the next result. A list, a range or an
+    array is read anew by each run, as by serial ``map``: nothing to say. ``read``:
+    items read; ``past``: what they were read past (", past the 4 that finished").
+    One wording for every run that stops early: a plain run's interrupt and failure
+    (:meth:`MapJob.read_past_line`), a checkpoint's interrupt (``MapCheckpoint.kept``).
+    """
+    if not any(_is_iterator(it) for it in iterables):
+        return ""
+    return f"an iterator: this one was read {read} item{'s' * (read != 1)} in{past}, and goes on from there"
 
 
 def _text_of(exc: BaseException) -> str:
@@ -771,6 +798,26 @@ class MapJob:
         if not self._input_done and self._read_count < size:
             self._ask_for_input(size)  # one chunk read ahead: ready when the next worker is free
         return items
+
+    def read_past_line(self, interrupted: bool) -> str:
+        """What the line of a run that stopped early says of an iterator it read ahead:
+        "make its input again (an iterator: this one was read 40 items in, past ...)",
+        or "" when its input is read anew by each run (a list) or was read no further
+        than serial ``map`` would have (see :func:`read_past`). ``interrupted``: past
+        the items that finished; else past the failing item (``failure_index``)."""
+        read = self._n_read
+        if interrupted:
+            finished = self.items_done
+            if read <= finished:
+                return ""
+            past = f", past the {finished} that finished"
+        else:
+            index = self.failure_index
+            if index is None or read <= index + 1:  # (serial map reads the failing item too; the input's own error: none)
+                return ""
+            past = f", past item {index}, which failed"
+        words = read_past(self._iterables, read, past)
+        return f"{MAKE_INPUT_AGAIN} ({words})" if words else ""
 
     def _ask_for_input(self, size: int) -> None:
         if self._input_asked or self._ask_input is None:

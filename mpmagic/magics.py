@@ -47,6 +47,7 @@ from .errors import (
     came_from_worker,
     cell_origin,
     interrupt_outcome,
+    interrupt_read_past,
     one_line_interrupt,
 )
 from .fmt import noun
@@ -1085,7 +1086,7 @@ class _magic_errors:  # noqa: N801 (used as a function: `with _magic_errors(pars
             if self.serial_pass is not None and self.serial_pass():
                 values = "results" if parser.prog == "%pmap" else "ranks' values"
                 raise _interrupted(parser.prog, _SERIAL_INTERRUPTED.format(magic=parser.prog, values=values)) from None
-            new = _interrupted(parser.prog, outcome=interrupt_outcome(exc))
+            new = _interrupted(parser.prog, outcome=(interrupt_outcome(exc) or _STOPPED) + interrupt_read_past(exc))
             # (a cell's ranks that had failed, and those that finished: its line says where they are)
             new.__dict__.update({k: v for k, v in exc.__dict__.items() if k in ("failures", "values")})
             raise new from None

@@ -2387,3 +2387,51 @@ def test_a_clear_while_a_large_result_is_being_written_leaves_no_row_without_its
         assert found == {}  # (the clear came after the write: both deleted)
     finally:
         store.close()
+
+
+def test_a_failed_run_over_a_generator_says_how_far_it_was_read_in_the_input(ip, store_dir):
+    """The plain run inside a checkpointed one reads the checkpoint's iterator of missing
+    items: its note counted in that, not in the user's input. The note counts in the input."""
+    run(ip, "def fails_at_5(x):\n    if x == 5:\n        raise ValueError('item 5')\n    return work(x)\n"
+            "gen = iter(range(10**6))")
+    with pytest.raises(ValueError) as e:
+        run(ip, f"mpmagic.pmap(fails_at_5, gen, checkpoint={str(store_dir)!r})")
+    read = run(ip, "10**6 - sum(1 for _ in gen)")
+    notes = [n for n in e.value.__notes__ if "make its input again" in n]
+    assert notes == [f"mpmagic: to map it again, make its input again (an iterator: this one was read {read} items "
+                     "in, past item 5, which failed, and goes on from there)"], e.value.__notes__
+
+
+def _other_runs_lines(caught) -> list[str]:
+    return [str(w.message) for w in caught if "resumes nothing" in str(w.message)]
+
+
+def test_a_run_resuming_nothing_while_runs_of_its_name_are_stored_says_so_once(ip, store_dir):
+    """The function changed (its code, or what it captures) since runs of its name were
+    stored: its new key finds none of them, so nothing is resumed, and under -q nothing
+    said so (the user expected the stored results). One line per run; none when its own
+    run is stored, or when no other run of its name is."""
+    run(ip, "def area(x):\n    return x * 2\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run(ip, "%pmap -q --checkpoint area, range(6)") == [0, 2, 4, 6, 8, 10]
+        assert run(ip, "%pmap -q --checkpoint area, range(6)") == [0, 2, 4, 6, 8, 10]  # (its own run: resumed)
+    assert _other_runs_lines(caught) == []
+    run(ip, "def area(x):\n    return x * 3\n")  # the code changed
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run(ip, "%pmap -q --checkpoint area, range(6)") == [0, 3, 6, 9, 12, 15]
+    assert _other_runs_lines(caught) == [
+        f"mpmagic: --checkpoint: this run of `area` resumes nothing: the store in {store_dir} holds 1 run of a "
+        "function named `area` under other code, captured values or worker setup, whose results are not this "
+        "code's; %pool checkpoints lists them, %pool checkpoints clear area deletes them"]
+    with warnings.catch_warnings(record=True) as caught:  # (now its own run is stored: it resumes, nothing to say)
+        warnings.simplefilter("always")
+        assert run(ip, "%pmap -q --checkpoint area, range(8)") == [0, 3, 6, 9, 12, 15, 18, 21]
+    assert _other_runs_lines(caught) == []
+    run(ip, "import mpmagic\nK = 5\ndef area(x):\n    return x * K\n")  # a captured value: two other runs now, said once
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run(ip, f"mpmagic.pmap(area, iter(range(3)), checkpoint={str(store_dir)!r})") == [0, 5, 10]
+    lines = _other_runs_lines(caught)
+    assert len(lines) == 1 and "holds 2 runs of a function named `area`" in lines[0], lines

@@ -457,3 +457,80 @@ def test_a_generator_changing_a_global_gives_every_item_the_value_at_the_call(sh
     assert run(shell, "G = 0\nlist(map(plus_g, sets_g(3)))") == [0, 11, 22]
     assert run(shell, "G = 0\n%pmap -q plus_g, sets_g(3)") == [0, 1, 2]
     assert run(shell, "G = 5\n%pmap -q --chunksize 3 plus_g, sets_g(3)") == [5, 6, 7]  # (whatever the chunks)
+
+
+# An iterator is read ahead of the calls, in chunks: a run that stops early (an item's
+# error, an interrupt) has read it further than serial map, whose iterator then goes on
+# right after the item that stopped it. The same iterator given again went on from where
+# the run had read it, and the items read and never returned were silently missing.
+GATED_AT_4 = (
+    "import os, time\n"
+    "def gated_at_4(x):\n"
+    "    if x == 4:\n"
+    "        open(STARTED, 'w').close()\n"
+    "    while x >= 4 and not os.path.exists(GATE):\n"
+    "        time.sleep(0.02)\n"
+    "    return x * x\n"
+)
+
+
+def test_a_failed_run_over_an_iterator_says_how_far_it_read_it(ip, pool2):
+    run(ip, SETUP)
+    run(ip, "gen = iter(range(10**6))\nserial_gen = iter(range(10**6))")
+    with pytest.raises(ValueError) as serial:
+        run(ip, "list(map(fails_at_5, serial_gen))")
+    assert run(ip, "next(serial_gen)") == 6  # serially: read up to the item that failed
+    assert not any("an iterator" in n for n in getattr(serial.value, "__notes__", []))
+    with pytest.raises(ValueError) as e:
+        run(ip, "%pmap -q fails_at_5, gen")
+    read = run(ip, "10**6 - sum(1 for _ in gen)")  # (where the same iterator went on)
+    assert read > 6  # (read ahead, in chunks: for speed)
+    notes = [n for n in e.value.__notes__ if "an iterator" in n]
+    assert notes == [f"mpmagic: to map it again, make its input again (an iterator: this one was read {read} items "
+                     "in, past item 5, which failed, and goes on from there)"], e.value.__notes__
+    # A list (a range, an array) is read anew by each run, as serially: nothing to say.
+    with pytest.raises(ValueError) as e:
+        run(ip, "%pmap -q fails_at_5, list(range(1000))")
+    assert not any("an iterator" in n for n in e.value.__notes__)
+
+
+def test_an_interrupted_run_over_an_iterator_says_how_far_it_read_it(ip, pool2, tmp_path):
+    from conftest import interrupted_cell
+
+    from mpmagic.errors import STOPPED_OUTCOME
+
+    gate, started = tmp_path / "gate", tmp_path / "started"
+    run(ip, f"import mpmagic\nGATE, STARTED = {str(gate)!r}, {str(started)!r}\n" + GATED_AT_4)
+    run(ip, "gen = iter(range(1000))")
+    try:
+        shown, err = interrupted_cell(ip, "%pmap -q --chunksize 1 gated_at_4, gen", after=0.3, started=started)
+    finally:
+        gate.touch()
+    assert isinstance(err, KeyboardInterrupt), shown
+    read = run(ip, "1000 - sum(1 for _ in gen)")
+    assert read > 5  # items 4 and 5 were running, later ones read ahead
+    assert str(err) == (f"%pmap interrupted: {STOPPED_OUTCOME}; to map it again, make its input again (an iterator: "
+                        f"this one was read {read} items in, past the 4 that finished, and goes on from there)"), shown
+    started.unlink()
+    gate.unlink()
+    run(ip, "gen = iter(range(1000))")
+    with pytest.raises(KeyboardInterrupt) as e:
+        try:
+            interrupted = interrupted_cell(ip, "mpmagic.pmap(gated_at_4, gen, chunksize=1)", after=0.3,
+                                           started=started)
+        finally:
+            gate.touch()
+        raise interrupted[1]
+    read = run(ip, "1000 - sum(1 for _ in gen)")
+    assert str(e.value) == (f"mpmagic.pmap interrupted: {STOPPED_OUTCOME}; to map it again, make its input again (an "
+                            f"iterator: this one was read {read} items in, past the 4 that finished, and goes on from "
+                            "there)")
+    # Over a list, as serially: read anew by the next run, nothing to say.
+    started.unlink()
+    gate.unlink()
+    try:
+        shown, err = interrupted_cell(ip, "%pmap -q --chunksize 1 gated_at_4, list(range(1000))", after=0.3,
+                                      started=started)
+    finally:
+        gate.touch()
+    assert str(err) == f"%pmap interrupted: {STOPPED_OUTCOME}", shown
