@@ -51,6 +51,7 @@ from .engine import wait_in_slices
 from .errors import (
     MPMagicError,
     UsageError,
+    add_note,
     drop_our_frames,
     hide_our_frames,
     one_line,
@@ -409,7 +410,7 @@ class Run(Future[_R]):
         if not self._wait_here(timeout, "result()"):
             raise one_line(_timeout(f"run {self.id} ({self.what}) did not end within {timeout:g} s; it goes on"))
         if self._cancelled:
-            raise one_line(CancelledError(f"run {self.id} ({self.what}) was cancelled"))
+            raise self._cancelled_error()
         if self._error is not None:
             ends = exiting.raised(self._error)
             if ends is not self._error:  # a daemon thread's wait the exit's stop ended: the thread ends
@@ -429,7 +430,7 @@ class Run(Future[_R]):
         if not self._wait_here(timeout, "exception()"):
             raise one_line(_timeout(f"run {self.id} ({self.what}) did not end within {timeout:g} s; it goes on"))
         if self._cancelled:
-            raise one_line(CancelledError(f"run {self.id} ({self.what}) was cancelled"))
+            raise self._cancelled_error()
         return self._error
 
     def _wait_here(self, timeout: float | None, what: str) -> bool:
@@ -450,6 +451,31 @@ class Run(Future[_R]):
             return interrupted(f"{what} interrupted; run {self.id} ({self.what}) had ended ({self.state})")
         return interrupted(f"{what} interrupted: run {self.id} ({self.what}) goes on in the background; "
                            f"cancel() on its handle (or %pool cancel {self.id}) stops it")
+
+    def _cancelled_error(self) -> CancelledError:
+        """What ``result()`` and ``exception()`` raise once the run was cancelled: one line,
+        going on with how far a map read its iterator input past what finished."""
+        past = self._read_past(failed=False)
+        return one_line(CancelledError(f"run {self.id} ({self.what}) was cancelled{f'; {past}' if past else ''}"))
+
+    def _read_past(self, failed: bool, *, failed_at: int | None = None, got: int | None = None,
+                   so_far: bool = False) -> str:
+        """For a map over an iterator (a generator: ``iter(x) is x``) that ``failed`` or
+        was cancelled: how far the run read it past what finished ("to map it again, make
+        its input again (an iterator: this one was read 40 items in, past the 4 that
+        finished, and goes on from there)"), one wording with a blocking run's
+        (``MapJob.read_past_line``); "" for a list, a range, an array, read anew by each
+        run as by serial ``map``, for a cell, and for a checkpoint's run, whose job reads
+        the checkpoint's own iterator of missing items (its error says its own:
+        ``MapCheckpoint.failed``). Serially, ``map`` stopped at item k has read items
+        0..k; the same iterator given again goes on from where the run read it, and the
+        items read and never returned would be silently missing from the next result.
+        An ``imap`` stream's: ``failed_at`` (its loop got that item's error), ``got``
+        (its loop got that many results), ``so_far`` (the run still reads on)."""
+        line = getattr(self._job, "read_past_line", None)
+        if line is None or self._resume is not None:
+            return ""
+        return cast(str, line(interrupted=not failed, failed_at=failed_at, got=got, so_far=so_far))
 
     def _raise_error(self) -> NoReturn:
         """Raise the run's error here, with the traceback it had when the pump caught it."""
@@ -634,6 +660,8 @@ class Run(Future[_R]):
             if resume is not None:
                 self._report = resume.amend(self._report, wall)
         except BaseException as exc:  # kept for result(), shown in the live area at once
+            if not self._cancelled and (past := self._read_past(failed=True)):  # (an iterator read ahead)
+                add_note(exc, f"mpmagic: {past}")  # (as a blocking run's: api.pmap)
             if resume is not None:
                 resume.failed(exc, self._report)
             # The frames above the user's (this loop, the finish callbacks) are

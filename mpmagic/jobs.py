@@ -799,24 +799,29 @@ class MapJob:
             self._ask_for_input(size)  # one chunk read ahead: ready when the next worker is free
         return items
 
-    def read_past_line(self, interrupted: bool) -> str:
+    def read_past_line(self, interrupted: bool, *, failed_at: int | None = None, got: int | None = None,
+                       so_far: bool = False) -> str:
         """What the line of a run that stopped early says of an iterator it read ahead:
         "make its input again (an iterator: this one was read 40 items in, past ...)",
         or "" when its input is read anew by each run (a list) or was read no further
-        than serial ``map`` would have (see :func:`read_past`). ``interrupted``: past
-        the items that finished; else past the failing item (``failure_index``)."""
+        than serial ``map`` would have (see :func:`read_past`). ``interrupted`` (or
+        cancelled): past the items that finished, or the ``got`` results a stream's loop
+        got (serially, a loop that got n results has read n items); else past the failing
+        item, ``failed_at`` (an ``imap`` item's, raised in its loop) or ``failure_index``.
+        ``so_far``: the run still reads on (an open stream whose loop got an item's error)."""
         read = self._n_read
         if interrupted:
-            finished = self.items_done
+            finished = self.items_done if got is None else got
             if read <= finished:
                 return ""
-            past = f", past the {finished} that finished"
+            past = (f", past the {finished} that finished" if got is None
+                    else f", past the {got} result{'s' * (got != 1)} the loop got")
         else:
-            index = self.failure_index
+            index = self.failure_index if failed_at is None else failed_at
             if index is None or read <= index + 1:  # (serial map reads the failing item too; the input's own error: none)
                 return ""
             past = f", past item {index}, which failed"
-        words = read_past(self._iterables, read, past)
+        words = read_past(self._iterables, read, (" so far" if so_far else "") + past)
         return f"{MAKE_INPUT_AGAIN} ({words})" if words else ""
 
     def _ask_for_input(self, size: int) -> None:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
 from .background import ResultStream
 from .checks import check_flags, check_whole, keyword_names, unexpected_keyword
 from .engine import sigint_deferred
-from .errors import MPMagicError, hide_our_frames, one_line
+from .errors import MPMagicError, add_note, drop_read_past_note, hide_our_frames, one_line
 from .fmt import cancelled_words, stopped_words
 from .interrupts import restore as restore_interrupts
 from .jobs import Failed, MapJob, ToRaise
@@ -324,8 +324,24 @@ class _Reader:
         will not come: how many results the loop got, so a cancelled run does not pass for
         a complete one (``as_completed`` raises its ``CancelledError`` there too)."""
         run = self.run
+        past = run._read_past(failed=False, got=self.given)  # (an iterator read past the loop's results)
         return one_line(CancelledError(
-            f"run {run.id} ({run.what}) was cancelled: {cancelled_words(self.given, run.items_total, self.ordered)}"))
+            f"run {run.id} ({run.what}) was cancelled: {cancelled_words(self.given, run.items_total, self.ordered)}"
+            f"{f'; {past}' if past else ''}"))
+
+
+def _note_read_past(reader: _Reader, exc: BaseException, index: int) -> None:
+    """An item's error raised in the loop (``errors="raise"``), over an iterator input:
+    note how far the run has read it past that item (``MapJob.read_past_line``, the
+    blocking run's words). A loop the error ends has, serially, read items 0..index;
+    the stream read ahead of it, and the same iterator given again would skip the items
+    read and never returned. "So far" while the run still reads on (the loop may go on,
+    and a stream left is cancelled only then). One note however often the same exception
+    is raised (it may stand for several items: a lost worker's chunk)."""
+    run = reader.run
+    drop_read_past_note(exc)
+    if past := run._read_past(failed=True, failed_at=index, so_far=not run.done()):
+        add_note(exc, f"mpmagic: {past}")
 
 
 def _segments(reader: _Reader) -> Generator[Generator[Any, None, None], None, None]:
@@ -367,6 +383,7 @@ def _segment(reader: _Reader) -> Generator[Any, None, None]:
                         raise result.error.with_traceback(result.tb)
                     except BaseException as exc:
                         hide_our_frames(exc)  # (as a blocking pmap raises it: the loop's line, the task's frames)
+                        _note_read_past(reader, exc, result.index)
                         raise
                 yield result
             reader.held = None
@@ -374,7 +391,7 @@ def _segment(reader: _Reader) -> Generator[Any, None, None]:
     except KeyboardInterrupt:  # in our wait for the next chunk (the loop's own body raises in the user's frame)
         if left:  # (an item's own error, of a class deriving from it, raised in its place: not an interrupt)
             raise
-        raise _interrupted(reader.run) from None
+        raise _interrupted(reader.run, reader.given) from None
     finally:
         if reader.guard is not None:  # (ended here: the chain dropping it later is no reason to cancel)
             reader.guard.detach()
@@ -421,9 +438,10 @@ def _stopped(reader: _Reader) -> Generator[Any, None, None]:
     yield  # (a generator: the chain iterates it)
 
 
-def _interrupted(run: Any) -> KeyboardInterrupt:
+def _interrupted(run: Any, got: int) -> KeyboardInterrupt:
     """Interrupted while waiting for results: the stream's run is cancelled (its busy
-    workers replaced, as for ``%pmap``), and the one line says so."""
+    workers replaced, as for ``%pmap``), and the one line says so (and, over an iterator,
+    how far it was read past the ``got`` results the loop got: ``Run._read_past``)."""
     from .background import interrupted
     from .errors import IDLE_OUTCOME, NOT_STARTED_OUTCOME, STOPPED_OUTCOME
 
@@ -447,7 +465,9 @@ def _interrupted(run: Any) -> KeyboardInterrupt:
         done = ("its Dask tasks were cancelled; the workers running tasks already started are replaced on "
                 "mpmagic's own cluster, and finish them first on a cluster it did not start (later runs leave "
                 "those workers out meanwhile)")
-    return interrupted(f"imap interrupted: its run {run.id} ({run.what}) was cancelled, {done}")
+    past = run._read_past(failed=False, got=got)
+    return interrupted(f"imap interrupted: its run {run.id} ({run.what}) was cancelled, {done}"
+                       f"{f'; {past}' if past else ''}")
 
 
 def _cancel_quietly(run: Any, wait: bool = True) -> None:

@@ -1565,3 +1565,82 @@ def test_the_first_ctrl_c_in_a_new_wait_acts_even_just_after_an_interrupted_run(
         assert time.monotonic() - t0 < 0.9
     finally:
         interrupts.restore()
+
+
+# A map reads an iterator input (a generator: ``iter(x) is x``) in chunks, ahead of the
+# calls. Serially, map stopped at item k has read items 0..k, and the same iterator goes
+# on right after; a run that stops early has read it further, and the items it read and
+# never returned would be silently missing from the next run given that iterator. A
+# blocking run says so (test_inputs); a background run's error and its cancel say it too.
+READ_PAST = "to map it again, make its input again (an iterator: this one was read {read} items in, {past}, and goes " \
+            "on from there)"
+
+
+def _read_of(gen, total: int) -> int:
+    """How far ``gen`` (of ``range(total)``) was read: where the same iterator goes on."""
+    return total - sum(1 for _ in gen)
+
+
+def test_a_failed_background_run_over_an_iterator_says_how_far_it_read_it(ns):
+    picky = ns["picky"]
+    serial_gen = iter(range(10**6))
+    with pytest.raises(KeyError):
+        list(map(picky, serial_gen))
+    assert next(serial_gen) == 14  # serially: read up to the item that failed
+    gen = iter(range(10**6))
+    handle = mpmagic.submit(picky, gen)
+    with pytest.raises(KeyError) as e:
+        handle.result(60)
+    read = _read_of(gen, 10**6)
+    assert read > 14  # (read ahead, in chunks: for speed)
+    notes = [n for n in e.value.__notes__ if "an iterator" in n]
+    assert notes == ["mpmagic: " + READ_PAST.format(read=read, past="past item 13, which failed")], e.value.__notes__
+    with pytest.raises(KeyError) as again:  # (one note however often result() raises it)
+        handle.result()
+    assert again.value.__notes__.count(notes[0]) == 1
+    # A list (a range, an array) is read anew by each run, as serially: nothing to say.
+    listed = mpmagic.submit(picky, list(range(1000)))
+    with pytest.raises(KeyError) as e:
+        listed.result(60)
+    assert not any("an iterator" in n for n in getattr(e.value, "__notes__", []))
+
+
+def _cancelled_once_one_finished(func, items) -> mpmagic.Run:
+    handle = mpmagic.submit(func, items, chunksize=1)
+    deadline = time.monotonic() + 30
+    while handle.items_done < 1 and time.monotonic() < deadline:  # (some finished, others running)
+        time.sleep(0.02)
+    assert handle.cancel() is True
+    return handle
+
+
+def test_a_cancelled_background_run_over_an_iterator_says_how_far_it_read_it(ns):
+    gen = iter(range(1000))
+    handle = _cancelled_once_one_finished(ns["napper"], gen)
+    with pytest.raises(CancelledError) as e:
+        handle.result(10)
+    read, done = _read_of(gen, 1000), handle.items_done
+    assert read > done >= 1  # (the items running, and those read ahead of them)
+    past = f"past the {done} that finished"
+    assert str(e.value) == f"run {handle.id} (pmap napper) was cancelled; " + READ_PAST.format(read=read, past=past)
+    with pytest.raises(CancelledError) as again:  # (exception() says it as result() does)
+        handle.exception()
+    assert str(again.value) == str(e.value)
+    listed = _cancelled_once_one_finished(ns["napper"], list(range(1000)))
+    with pytest.raises(CancelledError) as e:
+        listed.result(10)
+    assert str(e.value) == f"run {listed.id} (pmap napper) was cancelled"
+
+
+def test_an_interrupted_imap_over_an_iterator_says_how_far_it_read_it(ip, ns):
+    run(ip, "import mpmagic\ngen = iter(range(1000))\ngot = []")
+    text, err = interrupted_cell(ip, "for v in mpmagic.imap(napper, gen, chunksize=1):\n    got.append(v)")
+    handle = mpmagic.runs()[-1]
+    assert type(err) is KeyboardInterrupt and handle.what == "imap napper"
+    read, n = run(ip, "1000 - sum(1 for _ in gen)"), len(ip.user_ns["got"])
+    assert read > n  # serially, a loop that got n results has read n items
+    results = "result" if n == 1 else "results"
+    assert text.strip() == (f"KeyboardInterrupt: imap interrupted: its run {handle.id} (imap napper) was cancelled, "
+                            "the work still running was stopped and its workers replaced; the pool is ready "
+                            "for the next run; " + READ_PAST.format(read=read, past=f"past the {n} {results} the "
+                                                                                   "loop got")), text

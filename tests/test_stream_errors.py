@@ -314,3 +314,57 @@ def test_as_completed_goes_on_after_a_time_out_it_raised(ns):
         except StopIteration:
             break
     assert timeouts >= 1 and sorted(got) == sorted(serial_map(ns, "nap", range(4)))
+
+
+# An iterator input (a generator: ``iter(x) is x``) is read ahead of the loop, in chunks.
+# Serially, a loop over map that an item's error ended (or that got n results) has read
+# the items up to that one (n items), and the same iterator goes on right after; the
+# items the stream read and never returned would be silently missing from a next run
+# given that iterator. Where the loop's error surfaces, it says how far the input was read.
+def _read_of(gen: Iterator[int], total: int) -> int:
+    """How far ``gen`` (of ``range(total)``) was read: where the same iterator goes on."""
+    return total - sum(1 for _ in gen)
+
+
+def test_an_imap_loop_an_items_error_ended_says_how_far_it_read_the_iterator(ns):
+    f = ns["f"]
+    serial_gen = iter(range(10**6))
+    with pytest.raises(ValueError, match="bad item 1"):
+        for _ in map(f, serial_gen):
+            pass
+    assert next(serial_gen) == 2  # serially: read up to the item that failed
+    gen = iter(range(10**6))
+    stream = mpmagic.imap(f, gen)
+    with pytest.raises(ValueError, match="bad item 1") as e:
+        for _ in stream:
+            pass
+    notes = [n for n in e.value.__notes__ if "an iterator" in n]
+    assert len(notes) == 1, e.value.__notes__
+    read_then = int(notes[0].split(" was read ")[1].split(" ")[0])
+    assert notes[0] == (f"mpmagic: to map it again, make its input again (an iterator: this one was read {read_then} "
+                        "items in so far, past item 1, which failed, and goes on from there)"), notes
+    stream.close()
+    assert stream.run is not None and stream.run.wait(30)
+    assert 2 < read_then <= _read_of(gen, 10**6)  # ("so far": the open stream read on until it was closed)
+    # Over a list, as serially: read anew by the next run, nothing to say.
+    with pytest.raises(ValueError, match="bad item 1") as e:
+        for _ in mpmagic.imap(f, list(range(1000))):
+            pass
+    assert not any("an iterator" in n for n in getattr(e.value, "__notes__", []))
+
+
+def test_an_imap_loop_after_a_cancel_says_how_far_it_read_the_iterator(ns):
+    gen = iter(range(1000))
+    stream = mpmagic.imap(ns["nap"], gen, chunksize=1)
+    it = iter(stream)
+    first = next(it)
+    assert stream.run is not None and stream.run.cancel()
+    got = [first, *drain(it)]
+    n = len([g for g in got if not isinstance(g, tuple)])
+    read = _read_of(gen, 1000)
+    assert read > n  # serially, a loop that got n results has read n items
+    results = "result" if n == 1 else "results"
+    cancelled = got[n]
+    assert cancelled[0] == "CancelledError", got
+    assert cancelled[1].endswith(f"; to map it again, make its input again (an iterator: this one was read {read} "
+                                 f"items in, past the {n} {results} the loop got, and goes on from there)"), cancelled
