@@ -1212,8 +1212,10 @@ def _completed_part(state: _Arrivals) -> Iterator[Any]:
     state.over = True
     if run._cancelled:  # (the next next() says nothing more comes, as after an error)
         state.over, state.stopped = False, True
+        past = run._read_past(failed=False, got=state.given)  # (an iterator read past the loop's results)
         raise one_line(CancelledError(  # (imap's words: "its one item will not come", never "0 of 1 results")
-            f"run {run.id} ({run.what}) was cancelled: {cancelled_words(state.given, run.items_total, False)}"))
+            f"run {run.id} ({run.what}) was cancelled: {cancelled_words(state.given, run.items_total, False)}"
+            f"{f'; {past}' if past else ''}"))
     if run._error is not None:
         state.over, state.stopped = False, True
         run._raise_error()

@@ -368,3 +368,19 @@ def test_an_imap_loop_after_a_cancel_says_how_far_it_read_the_iterator(ns):
     assert cancelled[0] == "CancelledError", got
     assert cancelled[1].endswith(f"; to map it again, make its input again (an iterator: this one was read {read} "
                                  f"items in, past the {n} {results} the loop got, and goes on from there)"), cancelled
+
+
+def test_as_completed_after_a_cancel_says_how_far_the_run_read_the_iterator(ns):
+    gen = iter(range(1000))
+    handle = mpmagic.submit(ns["nap"], gen, chunksize=1)
+    it = mpmagic.as_completed(handle)
+    first = next(it)
+    assert handle.cancel()
+    got = [first, *drain(it)]
+    n = len([g for g in got if not isinstance(g, tuple)])
+    read = _read_of(gen, 1000)
+    assert read > n  # serially, a loop that got n results has read n items
+    results = "result" if n == 1 else "results"
+    assert got[n][0] == "CancelledError", got
+    assert got[n][1].endswith(f"; to map it again, make its input again (an iterator: this one was read {read} "
+                              f"items in, past the {n} {results} the loop got, and goes on from there)"), got
