@@ -472,10 +472,10 @@ class Run(Future[_R]):
         items read and never returned would be silently missing from the next result.
         An ``imap`` stream's: ``failed_at`` (its loop got that item's error), ``got``
         (its loop got that many results), ``so_far`` (the run still reads on)."""
-        line = getattr(self._job, "read_past_line", None)
-        if line is None or self._resume is not None:
+        if self._job.kind != "map" or self._resume is not None:
             return ""
-        return cast(str, line(interrupted=not failed, failed_at=failed_at, got=got, so_far=so_far))
+        return cast(str, self._job.read_past_line(interrupted=not failed, failed_at=failed_at, got=got,
+                                                  so_far=so_far))
 
     def _raise_error(self) -> NoReturn:
         """Raise the run's error here, with the traceback it had when the pump caught it."""
