@@ -633,14 +633,11 @@ def test_a_run_says_when_it_waits_for_another_process_holding_the_store(tmp_path
     checkpoint.close_stores()  # (after the write that waited)
 
 
-def test_an_interrupted_run_says_how_many_items_its_checkpoint_keeps(ip, store_dir, tmp_path):
-    """Ctrl-C during a checkpointed run said only "the work still running was stopped
-    and its workers replaced", as for a plain run whose results are all lost: not that
-    the items that had finished are in the checkpoint, nor that the same call again
-    computes only the others. The line now says both, and the count is what the next
-    run takes from the store."""
-    from mpmagic.errors import STOPPED_OUTCOME
-
+def _interrupted_after_four_of_gated(ip, tmp_path, call: str, more: str = "") -> tuple[KeyboardInterrupt, Path]:
+    """Run ``call`` (an unclosed ``mpmagic.pmap(gated, ...`` over items from 0 up) with an
+    ``on_chunk`` that presses Ctrl-C once four results came, the items from 4 on held by
+    a gate file until the caller makes it (``more``: more code for the cell that defines them).
+    Returns the interrupt and the gate."""
     gate = tmp_path / "gate"
     run(ip, f"GATE = {str(gate)!r}\n"
             "import os, signal, threading, time, mpmagic\n"
@@ -653,12 +650,25 @@ def test_an_interrupted_run_says_how_many_items_its_checkpoint_keeps(ip, store_d
             "def press_after_four(start, results):\n"
             "    got.extend(results)\n"
             "    if len(got) == 4:  # (the others wait for the gate: no more come)\n"
-            "        threading.Timer(0.2, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()\n")
-    call = f"mpmagic.pmap(gated, range(8), chunksize=1, checkpoint={str(store_dir)!r}"
+            "        threading.Timer(0.2, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()\n"
+            + more)
     with capture_output():
         result = ip.run_cell(call + ", on_chunk=press_after_four)", store_history=False)
     err = result.error_in_exec
     assert isinstance(err, KeyboardInterrupt), err
+    return err, gate
+
+
+def test_an_interrupted_run_says_how_many_items_its_checkpoint_keeps(ip, store_dir, tmp_path):
+    """Ctrl-C during a checkpointed run said only "the work still running was stopped
+    and its workers replaced", as for a plain run whose results are all lost: not that
+    the items that had finished are in the checkpoint, nor that the same call again
+    computes only the others. The line now says both, and the count is what the next
+    run takes from the store."""
+    from mpmagic.errors import STOPPED_OUTCOME
+
+    call = f"mpmagic.pmap(gated, range(8), chunksize=1, checkpoint={str(store_dir)!r}"
+    err, gate = _interrupted_after_four_of_gated(ip, tmp_path, call)
     assert str(err) == (f"mpmagic.pmap interrupted: {STOPPED_OUTCOME}; its checkpoint keeps the results of 4 of "
                         "its 8 items: the same call again computes only the other 4"), str(err)
     calls(ip)
@@ -673,24 +683,8 @@ def test_an_interrupted_runs_count_of_kept_items_counts_equal_items_by_place(ip,
     of 4 of its 12 items: the same call again computes only the other 8", and it computed 4."""
     from mpmagic.errors import STOPPED_OUTCOME
 
-    gate = tmp_path / "gate"
-    run(ip, f"GATE = {str(gate)!r}\n"
-            "import os, signal, threading, time, mpmagic\n"
-            "def gated(x):\n"
-            "    work(x)\n"
-            "    while x >= 4 and not os.path.exists(GATE):\n"
-            "        time.sleep(0.02)\n"
-            "    return x * x\n"
-            "got = []\n"
-            "def press_after_four(start, results):\n"
-            "    got.extend(results)\n"
-            "    if len(got) == 4:  # (the others wait for the gate: no more come)\n"
-            "        threading.Timer(0.2, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()\n")
     call = f"mpmagic.pmap(gated, list(range(8)) + [0, 1, 2, 3], chunksize=1, checkpoint={str(store_dir)!r}"
-    with capture_output():
-        result = ip.run_cell(call + ", on_chunk=press_after_four)", store_history=False)
-    err = result.error_in_exec
-    assert isinstance(err, KeyboardInterrupt), err
+    err, gate = _interrupted_after_four_of_gated(ip, tmp_path, call)
     assert str(err) == (f"mpmagic.pmap interrupted: {STOPPED_OUTCOME}; its checkpoint keeps the results of 8 of "
                         "its 12 items: the same call again computes only the other 4"), str(err)
     calls(ip)
@@ -705,25 +699,8 @@ def test_an_interrupted_run_over_a_generator_says_it_was_read_further_than_what_
     read and not computed were silently missing from the next result."""
     from mpmagic.errors import STOPPED_OUTCOME
 
-    gate = tmp_path / "gate"
-    run(ip, f"GATE = {str(gate)!r}\n"
-            "import os, signal, threading, time, mpmagic\n"
-            "def gated(x):\n"
-            "    work(x)\n"
-            "    while x >= 4 and not os.path.exists(GATE):\n"
-            "        time.sleep(0.02)\n"
-            "    return x * x\n"
-            "got = []\n"
-            "def press_after_four(start, results):\n"
-            "    got.extend(results)\n"
-            "    if len(got) == 4:  # (the others wait for the gate: no more come)\n"
-            "        threading.Timer(0.2, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()\n"
-            "gen = (x for x in range(8))\n")
     call = f"mpmagic.pmap(gated, gen, chunksize=1, checkpoint={str(store_dir)!r}"
-    with capture_output():
-        result = ip.run_cell(call + ", on_chunk=press_after_four)", store_history=False)
-    err = result.error_in_exec
-    assert isinstance(err, KeyboardInterrupt), err
+    err, gate = _interrupted_after_four_of_gated(ip, tmp_path, call, "gen = (x for x in range(8))\n")
     assert str(err) == (f"mpmagic.pmap interrupted: {STOPPED_OUTCOME}; its checkpoint keeps the results of 4 items: "
                         "the same call again computes only the others, over its input made again (an iterator: "
                         "this one was read 8 items in, and goes on from there)"), str(err)
