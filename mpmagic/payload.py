@@ -1190,13 +1190,8 @@ def helper_reference(obj: Any) -> tuple | None:
         first = int(obj.__array_interface__["data"][0])
     except Exception:
         return None
-    low = high = first
-    for n, step in zip(obj.shape, obj.strides, strict=True):
-        if step < 0:
-            low += (n - 1) * step
-        else:
-            high += (n - 1) * step
-    found = _helper_holding(low, high + obj.itemsize)
+    low, high = shm.array_span(obj, first)
+    found = _helper_holding(low, high)
     if found is None:
         return None
     helper, start = found

@@ -824,6 +824,19 @@ def _unshare(name: str) -> None:
         pool().unmapped.append(name)
 
 
+def array_span(a: Any, first: int) -> tuple[int, int]:
+    """``(low, high)`` of numpy array ``a`` whose first element is at address ``first``:
+    the bytes ``[low, high)`` its elements lie in, whatever its strides (negative ones
+    reach below ``first``)."""
+    low = high = first
+    for n, step in zip(a.shape, a.strides, strict=True):
+        if step < 0:
+            low += (n - 1) * step
+        else:
+            high += (n - 1) * step
+    return low, high + a.itemsize
+
+
 def _reduce_array(a: Any) -> Any:
     """How a lending pickler reduces a numpy array (:meth:`Collector.dispatch_table`).
 
@@ -837,13 +850,7 @@ def _reduce_array(a: Any) -> Any:
     """
     if a.size and not (a.flags.c_contiguous or a.flags.f_contiguous) and not a.dtype.hasobject:
         first = int(a.ctypes.data)
-        lo = hi = first
-        for n, step in zip(a.shape, a.strides, strict=True):
-            if step < 0:
-                lo += (n - 1) * step
-            else:
-                hi += (n - 1) * step
-        hi += a.itemsize
+        lo, hi = array_span(a, first)
         for name, (start, size) in list(_shared.items()):
             if start <= lo and hi <= start + size:
                 ref = _maps.get(name)
