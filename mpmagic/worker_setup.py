@@ -642,6 +642,9 @@ def worker_id() -> int | str | None:
     worker's name for Dask; None in the notebook."""
     if WORKER_ID is not None:
         return WORKER_ID
+    in_setup = getattr(_dask_setting_up, "wid", None)
+    if in_setup is not None:  # (the Dask plugin's setup: no task, so get_worker() has none, and it was None)
+        return in_setup
     if "distributed" in sys.modules:
         try:
             from distributed import get_worker
@@ -1375,6 +1378,8 @@ _DASK_KILLED = ("mpmagic: a Dask worker was killed while running the worker setu
 # workers as before, all set up (the nanny starts one in the dead one's place); past it, the
 # workers left are enough (a worker without a nanny is not started again).
 DASK_REPLACEMENT_WAIT = 30.0
+# The Dask worker whose setup the plugin runs in this thread (its event loop's): worker_id().
+_dask_setting_up = threading.local()
 _dask_shown: dict[tuple[str, int], None] = {}  # (Dask worker id, setup version) whose output was shown
 _dask_pending: list[dict[str, Any]] | None = None  # a dask_apply's: setup events meanwhile (it shows them)
 
@@ -1394,19 +1399,31 @@ def make_plugin(msg: Setup, topic: str = "") -> Any:
             self.ver, self.data, self.topic = ver, data, topic
 
         def setup(self, worker: Any) -> None:
-            reply = run_setup(self.ver, self.data, worker.name)
-            worker._mpmagic_setup = reply  # read by dask_status()
-            if reply.error:
-                log.debug("%s", reply.error)  # the notebook reports it (dask_apply, dask_event)
-            if self.topic and (reply.output or reply.error):
-                try:
-                    worker.log_event(self.topic, {"mpmagic_setup": True, "id": worker.id, "version": reply.version,
-                                                  "worker": str(reply.worker), "output": reply.output,
-                                                  "error": reply.error, "address": worker.address})
-                except Exception:  # (the scheduler's connection is gone: the worker is closing)
-                    log.debug("could not send the setup's output to the notebook", exc_info=True)
+            _dask_plugin_setup(worker, self.ver, self.data, self.topic)
 
     return SetupPlugin(msg.version, msg.payload, topic)
+
+
+def _dask_plugin_setup(worker: Any, ver: int, data: bytes | None, topic: str) -> None:
+    """The plugin's ``setup`` on Dask worker ``worker`` (a module function: the plugin,
+    a local class, is pickled by value with its globals, and this module's are not all
+    picklable): run the setup there, keep its reply for :func:`dask_status`, and tell
+    the notebook on ``topic`` what it printed or its error (:func:`dask_event`)."""
+    _dask_setting_up.wid = worker.name  # (mpmagic.worker_id() in the setup: this worker's, as locally)
+    try:
+        reply = run_setup(ver, data, worker.name)
+    finally:
+        _dask_setting_up.wid = None
+    worker._mpmagic_setup = reply  # read by dask_status()
+    if reply.error:
+        log.debug("%s", reply.error)  # the notebook reports it (dask_apply, dask_event)
+    if topic and (reply.output or reply.error):
+        try:
+            worker.log_event(topic, {"mpmagic_setup": True, "id": worker.id, "version": reply.version,
+                                     "worker": str(reply.worker), "output": reply.output,
+                                     "error": reply.error, "address": worker.address})
+        except Exception:  # (the scheduler's connection is gone: the worker is closing)
+            log.debug("could not send the setup's output to the notebook", exc_info=True)
 
 
 def dask_status(dask_worker: Any = None) -> SetupDone | None:

@@ -1607,8 +1607,12 @@ def test_dask_setup_output_of_a_restarted_worker_is_shown_once_in_the_next_run(i
         client = pool_module.get_pool().client
         old = set(_dask_pids(client, 4).values())
         capfd.readouterr()
-        run(ip, "%%pool setup\nimport os\nprint('loaded in', os.getpid())\nLOADED = os.getpid()")
+        run(ip, "%%pool setup\nimport os, mpmagic\nprint('loaded in', os.getpid())\nLOADED = os.getpid()\n"
+                "WID = mpmagic.worker_id()")
         first = capfd.readouterr().out
+        # (mpmagic.worker_id() in the setup, as locally: the worker's name, not None)
+        names = {a: w["name"] for a, w in client.scheduler_info()["workers"].items()}
+        assert client.run(lambda: __import__("builtins").WID) == names
         assert sorted(int(x) for x in re.findall(r"^\[worker [^\]]+\] loaded in (\d+)$", first, re.M)) == sorted(old)
         os.kill(sorted(old)[0], signal.SIGKILL)
         new = set(_dask_pids(client, 4, old).values()) - old
