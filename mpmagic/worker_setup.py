@@ -72,6 +72,7 @@ import random
 import signal
 import sys
 import threading
+import time
 import traceback
 import types
 from collections.abc import Callable, Iterator
@@ -641,6 +642,9 @@ def worker_id() -> int | str | None:
     worker's name for Dask; None in the notebook."""
     if WORKER_ID is not None:
         return WORKER_ID
+    in_setup = getattr(_dask_setting_up, "wid", None)
+    if in_setup is not None:  # (the Dask plugin's setup: no task, so get_worker() has none, and it was None)
+        return in_setup
     if "distributed" in sys.modules:
         try:
             from distributed import get_worker
@@ -1366,27 +1370,70 @@ def _plugin_base() -> type:
     return WorkerPlugin
 
 
-def make_plugin(msg: Setup) -> Any:
-    """A Dask ``WorkerPlugin`` that runs the setup in every worker, also those joining later."""
+# Where a setup's one-line note about a Dask worker death says what happened (dask_apply).
+_DASK_KILLED = ("mpmagic: a Dask worker was killed while running the worker setup (its connection closed: {exc}; "
+                "from outside, or out of memory); the setup stays in force: {where} "
+                f"({KILLED_IN_A_ROW} deaths in a row in it switch it off)\n")
+# How long dask_apply waits, after a worker died in the setup, for the cluster to have as many
+# workers as before, all set up (the nanny starts one in the dead one's place); past it, the
+# workers left are enough (a worker without a nanny is not started again).
+DASK_REPLACEMENT_WAIT = 30.0
+# The Dask worker whose setup the plugin runs in this thread (its event loop's): worker_id().
+_dask_setting_up = threading.local()
+_dask_shown: dict[tuple[str, int], None] = {}  # (Dask worker id, setup version) whose output was shown
+_dask_pending: list[dict[str, Any]] | None = None  # a dask_apply's: setup events meanwhile (it shows them)
+
+
+def make_plugin(msg: Setup, topic: str = "") -> Any:
+    """A Dask ``WorkerPlugin`` that runs the setup in every worker, also those joining later.
+
+    With ``topic`` (the notebook's event topic, ``DaskBackend._events_topic``), a
+    worker whose setup printed or failed says so there (:func:`dask_event`): one that
+    joined later or that its nanny started again after a death ran the setup with no
+    notebook waiting for it, and what it printed was dropped."""
 
     class SetupPlugin(_plugin_base()):  # type: ignore[misc]
         name = PLUGIN_NAME
 
-        def __init__(self, ver: int, data: bytes | None) -> None:
-            self.ver, self.data = ver, data
+        def __init__(self, ver: int, data: bytes | None, topic: str) -> None:
+            self.ver, self.data, self.topic = ver, data, topic
 
         def setup(self, worker: Any) -> None:
-            reply = run_setup(self.ver, self.data, worker.name)
-            worker._mpmagic_setup = reply  # read by dask_status()
-            if reply.error:
-                log.debug("%s", reply.error)  # the notebook reports it (dask_apply)
+            _dask_plugin_setup(worker, self.ver, self.data, self.topic)
 
-    return SetupPlugin(msg.version, msg.payload)
+    return SetupPlugin(msg.version, msg.payload, topic)
+
+
+def _dask_plugin_setup(worker: Any, ver: int, data: bytes | None, topic: str) -> None:
+    """The plugin's ``setup`` on Dask worker ``worker`` (a module function: the plugin,
+    a local class, is pickled by value with its globals, and this module's are not all
+    picklable): run the setup there, keep its reply for :func:`dask_status`, and tell
+    the notebook on ``topic`` what it printed or its error (:func:`dask_event`)."""
+    _dask_setting_up.wid = worker.name  # (mpmagic.worker_id() in the setup: this worker's, as locally)
+    try:
+        reply = run_setup(ver, data, worker.name)
+    finally:
+        _dask_setting_up.wid = None
+    worker._mpmagic_setup = reply  # read by dask_status()
+    if reply.error:
+        log.debug("%s", reply.error)  # the notebook reports it (dask_apply, dask_event)
+    if topic and (reply.output or reply.error):
+        try:
+            worker.log_event(topic, {"mpmagic_setup": True, "id": worker.id, "version": reply.version,
+                                     "worker": str(reply.worker), "output": reply.output,
+                                     "error": reply.error, "address": worker.address})
+        except Exception:  # (the scheduler's connection is gone: the worker is closing)
+            log.debug("could not send the setup's output to the notebook", exc_info=True)
 
 
 def dask_status(dask_worker: Any = None) -> SetupDone | None:
     """The setup reply of this Dask worker (run with ``client.run``)."""
     return getattr(dask_worker, "_mpmagic_setup", None)
+
+
+def _dask_reply(dask_worker: Any = None) -> tuple[str, SetupDone | None]:
+    """This Dask worker's id (one per process: a nanny's restart is a new one) and setup reply."""
+    return str(getattr(dask_worker, "id", "")), dask_status(dask_worker)
 
 
 def dask_state(reply: SetupDone | None) -> str:
@@ -1403,28 +1450,137 @@ def _dask_drop(dask_worker: Any = None) -> None:
         dask_worker._mpmagic_setup = None
 
 
-def dask_apply(client: Any) -> list[str]:
+def _dask_first_show(wid: str, ver: int) -> bool:
+    """Under the lock: True the first time worker process ``wid``'s setup ``ver`` is shown."""
+    if (wid, ver) in _dask_shown:
+        return False
+    _dask_shown[(wid, ver)] = None
+    while len(_dask_shown) > _STATUS_KEPT:
+        del _dask_shown[next(iter(_dask_shown))]
+    return True
+
+
+def dask_event(msg: Any) -> list[tuple[str, str]]:
+    """A Dask worker's setup event (:func:`make_plugin`), from Dask's thread: the
+    (text, stream) to hold for the next run's cell, as a local later worker's
+    (``LocalBackend._say_setup_output``): what its setup printed, labelled
+    ``[worker N]``, on stdout, and a failure's line (once, :func:`record`) on stderr.
+    Empty: not a setup event, an older setup's, shown already, or a ``dask_apply``
+    in the notebook's thread is running and shows it itself."""
+    if not isinstance(msg, dict) or not msg.get("mpmagic_setup"):
+        return []
+    with _lock:
+        if msg.get("version") != _version or not _entries:
+            return []
+        if _dask_pending is not None:
+            _dask_pending.append(msg)
+            return []
+        if not _dask_first_show(str(msg.get("id")), _version):
+            return []
+    return _dask_said(msg)
+
+
+def _dask_said(msg: dict[str, Any]) -> list[tuple[str, str]]:
+    """:func:`dask_event`'s (text, stream) pairs of one worker's setup event."""
+    reply = SetupDone(msg["version"], msg.get("worker"), msg.get("error"), [], msg.get("output") or "")
+    said = []
+    printed = take_output(reply)
+    if printed:
+        said.append((printed, "stdout"))
+    failed = record(msg.get("address"), reply)
+    if failed:
+        said.append((failed, "stderr"))
+    return said
+
+
+def _dask_after_death(client: Any, ver: int, before: int) -> tuple[bool, dict[str, Any]]:
+    """After a worker died running setup ``ver`` (the registration's connection closed):
+    wait (:data:`DASK_REPLACEMENT_WAIT` at most) for the cluster to have ``before``
+    workers again, every one done with it. (True, their replies) when they are, or
+    when the time is up with every worker left done; (False, ...) when workers go on
+    dying in it (a worker that died while asked counts): :data:`KILLED_IN_A_ROW`
+    deaths in a row, the first included, are the setup's own doing, as locally."""
+    deaths, deadline = 1, time.monotonic() + DASK_REPLACEMENT_WAIT
+    while True:
+        try:
+            replies = client.run(_dask_reply, on_error="return")
+        except OSError:  # (the scheduler lost a worker while it asked: one more death)
+            replies = {"": OSError("closed")}
+        died_now = [a for a, r in replies.items() if isinstance(r, BaseException)]
+        if died_now:
+            deaths += 1
+            if deaths >= KILLED_IN_A_ROW:
+                return False, {}
+        answered = {a: r for a, r in replies.items() if not isinstance(r, BaseException)}
+        done = bool(answered) and not died_now and all(r[1] is not None and r[1].version == ver
+                                                       for r in answered.values())
+        if done and (len(answered) >= before or time.monotonic() > deadline):
+            return True, answered
+        if time.monotonic() > deadline:
+            return False, {}
+        time.sleep(0.1)
+
+
+def dask_apply(client: Any, topic: str = "") -> list[str]:
     """Install the current setup on a Dask cluster as a plugin (also for workers joining
-    later); the one-line errors of the workers where it failed."""
+    later; with ``topic``, they tell the notebook what they printed, :func:`dask_event`);
+    the one-line errors of the workers where it failed.
+
+    A worker that dies while running it closes the registration's connection. Its nanny
+    starts another in its place, which runs the setup: when it finishes, the death was
+    no doing of the setup's (a ``kill``, the OOM killer) and the setup stays in force, in
+    one line (:func:`_dask_after_death`; before, any such death unregistered it, and
+    every worker ran without it). When the workers go on dying in it, it is unregistered."""
+    global _dask_pending
     msg = message()
     if msg is None:
         return []
     if msg.payload is None:
         dask_remove(client)
         return []
+    with _lock:
+        _dask_pending = []
     try:
-        client.register_plugin(make_plugin(msg), name=PLUGIN_NAME)
-    except OSError as exc:  # (CommClosedError) a worker died running it: the nanny would restart it into it again
+        return _dask_register(client, msg, topic)
+    finally:
+        with _lock:
+            pending, _dask_pending = _dask_pending or [], None
+        for event in pending:  # (a worker's setup ended while this one's cell waited: shown here)
+            with _lock:
+                first = event.get("version") == _version and _dask_first_show(str(event.get("id")), _version)
+            for text, stream in _dask_said(event) if first else []:
+                (sys.stdout if stream == "stdout" else sys.stderr).write(text)
+
+
+def _dask_register(client: Any, msg: Setup, topic: str) -> list[str]:
+    """:func:`dask_apply`'s registration and its workers' replies (output shown, errors returned)."""
+    try:
+        before = len(client.run(dask_status))
+    except Exception:  # (a worker lost while asked: the count of the others)
+        log.debug("could not count the Dask workers", exc_info=True)
+        before = 0
+    try:
+        client.register_plugin(make_plugin(msg, topic), name=PLUGIN_NAME)
+        replies = client.run(_dask_reply)
+    except OSError as exc:  # (CommClosedError) a worker died running it: the nanny restarts one into it
         log.debug("setup plugin registration failed", exc_info=True)
-        dask_remove(client)
-        return [f"setup failed on the Dask workers: a worker died while running it (its connection closed: "
-                f"{type(exc).__name__}); the setup was unregistered from the cluster, so its workers (and those "
-                "the nanny restarts) run without it (fix it and run %%pool setup again)"]
+        kept, replies = _dask_after_death(client, msg.version, before)
+        if not kept:
+            dask_remove(client)
+            return [f"setup failed on the Dask workers: a worker died while running it (its connection closed: "
+                    f"{type(exc).__name__}), and so did its replacements; the setup was unregistered from the "
+                    "cluster, so its workers (and those the nanny restarts) run without it (fix it and run "
+                    "%%pool setup again)"]
+        where = ("the worker the nanny started in its place ran it" if len(replies) >= before
+                 else f"the {len(replies)} workers left ran it")
+        sys.stderr.write(_DASK_KILLED.format(exc=type(exc).__name__, where=where))
     errors = []
-    for addr, reply in client.run(dask_status).items():
+    for addr, (wid, reply) in replies.items():
         if reply is not None:
             record(addr, reply)
-            shown = take_output(reply)  # (collected by an explicit %%pool setup; else a start's: its cell's)
+            with _lock:
+                first = _dask_first_show(wid, reply.version) if wid else True
+            shown = take_output(reply) if first else None  # (collected by an explicit %%pool setup; else its cell's)
             if shown:
                 sys.stdout.write(shown)
             if reply.error:

@@ -530,8 +530,8 @@ def test_dask_setup_that_kills_its_worker_is_unregistered_in_one_line():
         def unregister_worker_plugin(self, name):
             Client.removed = name == worker_setup.PLUGIN_NAME
 
-        def run(self, func):
-            return {}
+        def run(self, func, on_error="raise"):  # (asked again after the death: its replacement died too)
+            return {"tcp://127.0.0.1:1": OSError("Stream is closed")} if on_error == "return" else {}
 
     worker_setup.set_code("X = 1\n")
     errors = worker_setup.dask_apply(Client())
@@ -1580,3 +1580,88 @@ def test_a_helper_the_setup_made_comes_back_from_a_task(ip, local_pool):
     got[0].put("hi")
     assert got[0].get(timeout=5) == "hi"
     run(ip, "del _")
+
+
+def _dask_pids(client, n: int, old: set[int] | None = None) -> dict[str, int]:
+    """Worker address -> pid once ``n`` workers answer (and, with ``old``, one pid is new):
+    a nanny's restart of a killed worker is in the cluster. Bounded: 60 s."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            pids = client.run(os.getpid, on_error="return")
+        except OSError:
+            pids = {}
+        pids = {a: p for a, p in pids.items() if isinstance(p, int)}
+        if len(pids) == n and (old is None or set(pids.values()) - old):
+            return pids
+        assert time.monotonic() < deadline, f"the Dask workers did not come back: {pids}"
+        time.sleep(0.1)
+
+
+def test_dask_setup_output_of_a_restarted_worker_is_shown_once_in_the_next_run(ip, dask_cluster, capfd):
+    """What the setup printed in a worker its nanny started again after a death was
+    dropped on Dask (only the registration's own workers' output was shown): it is
+    shown once, labelled, in the next run's cell, as a local replacement's is."""
+    mpmagic.use_dask(dask_cluster.address)
+    try:
+        client = pool_module.get_pool().client
+        old = set(_dask_pids(client, 4).values())
+        capfd.readouterr()
+        run(ip, "%%pool setup\nimport os, mpmagic\nprint('loaded in', os.getpid())\nLOADED = os.getpid()\n"
+                "WID = mpmagic.worker_id()")
+        first = capfd.readouterr().out
+        # (mpmagic.worker_id() in the setup, as locally: the worker's name, not None)
+        names = {a: w["name"] for a, w in client.scheduler_info()["workers"].items()}
+        assert client.run(lambda: __import__("builtins").WID) == names
+        assert sorted(int(x) for x in re.findall(r"^\[worker [^\]]+\] loaded in (\d+)$", first, re.M)) == sorted(old)
+        os.kill(sorted(old)[0], signal.SIGKILL)
+        new = set(_dask_pids(client, 4, old).values()) - old
+        assert len(new) == 1
+        (pid,) = new
+        assert client.run(lambda: __import__("builtins").LOADED)  # (every worker, the new one too, ran it)
+        shown = ""
+        deadline = time.monotonic() + 30
+        while f"loaded in {pid}" not in shown and time.monotonic() < deadline:  # (an event on its way)
+            assert run(ip, "%pmap -q --chunksize 1 lambda x: x, range(4)") == [0, 1, 2, 3]
+            shown += capfd.readouterr().out
+        assert re.findall(r"^\[worker [^\]]+\] loaded in (\d+)$", shown, re.M) == [str(pid)], shown
+        assert run(ip, "%pmap -q --chunksize 1 lambda x: x, range(4)") == [0, 1, 2, 3]
+        assert "loaded in" not in capfd.readouterr().out  # once
+    finally:
+        pool_module.shutdown()
+
+
+def test_dask_worker_killed_from_outside_in_its_setup_keeps_the_setup(ip, dask_cluster, tmp_path, capfd):
+    """A Dask worker killed (SIGKILL) while it ran the setup of a %%pool setup closed the
+    registration's connection, and the setup was unregistered from the cluster: a
+    kill from outside switched it off for every worker. Its replacement runs it: the
+    setup stays, in one line, and the cell waits for the replacement."""
+    mpmagic.use_dask(dask_cluster.address)
+    try:
+        client = pool_module.get_pool().client
+        old = _dask_pids(client, 4)
+
+        def kill_the_first() -> None:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                started = sorted(tmp_path.iterdir(), key=lambda p: p.stat().st_mtime_ns)
+                if started:
+                    os.kill(int(started[0].name), signal.SIGKILL)
+                    return
+                time.sleep(0.01)
+
+        killer = threading.Thread(target=kill_the_first)
+        killer.start()
+        capfd.readouterr()
+        try:
+            run(ip, "%%pool setup\nimport os, time\nopen(os.path.join(" + repr(str(tmp_path)) + ", str(os.getpid())), "
+                    "'w').close()\ntime.sleep(1.5)\nKEPT = 5")
+        finally:
+            killer.join()
+        err = capfd.readouterr().err
+        assert "was killed while running the worker setup" in err and "the setup stays in force" in err, err
+        pids = _dask_pids(client, 4, set(old.values()))
+        assert client.run(lambda: __import__("builtins").KEPT) == dict.fromkeys(pids, 5)
+        assert run(ip, "%pmap -q --chunksize 1 lambda x: KEPT + x, range(8)") == [5 + x for x in range(8)]
+    finally:
+        pool_module.shutdown()

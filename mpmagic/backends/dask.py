@@ -708,7 +708,7 @@ class DaskBackend:
                 self._new_setup_key()
             if worker_setup.has_setup():  # worker setup (worker_setup.py): a plugin, also for later workers
                 worker_setup.sent(self._setup_key())
-                self._setup_errors = worker_setup.dask_apply(self.client)
+                self._setup_errors = worker_setup.dask_apply(self.client, self._events_topic())
                 for error in [] if worker_setup.is_quiet() else self._setup_errors:
                     sys.stderr.write(f"mpmagic: {error}\n")
 
@@ -1038,7 +1038,7 @@ class DaskBackend:
             self.start()  # connecting installs the setup
             return list(self._setup_errors)
         worker_setup.sent(self._setup_key())
-        return worker_setup.dask_apply(self.client)
+        return worker_setup.dask_apply(self.client, self._events_topic())
 
     def _setup_key(self) -> Any:
         """The key ``worker_setup`` stamps this cluster's setup module files under
@@ -1178,6 +1178,10 @@ class DaskBackend:
 
     def _on_event(self, event: Any) -> None:
         msg = event[1] if isinstance(event, tuple) and len(event) > 1 else None
+        if isinstance(msg, dict) and msg.get("mpmagic_setup"):  # a worker that joined or restarted ran the setup
+            for text, stream in worker_setup.dask_event(msg):  # (what it printed: the next run's cell, labelled)
+                self._said_later.hold(text, stream)
+            return
         if isinstance(msg, dict) and msg.get("end"):
             with self._lock:  # (Dask's thread): a task's worker thread is free again
                 tag = msg.get("tag", "")
