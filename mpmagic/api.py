@@ -58,6 +58,7 @@ from .cell import (
     make_cell_spec,
     names_assigned,
     run_cell_code,
+    shows_last_assignment,
     split_last_expression,
 )
 from .checks import (
@@ -3092,9 +3093,10 @@ def _pack_spec(spec: Any, lease: shm.Lease | None = None, local: bool = False) -
 
 
 def cell_has_value(code: str) -> bool:
-    """Does the cell end in an expression (so it has a value to show)?"""
+    """Does the cell end in an expression (so it has a value to show)? Or in an
+    assignment to one name, where IPython shows those (``cell.shows_last_assignment``)."""
     try:
-        return split_last_expression(astlock.parse(code))[1] is not None
+        return split_last_expression(astlock.parse(code), shows_last_assignment())[1] is not None
     except SyntaxError:
         return False
 

@@ -56,6 +56,9 @@ class CellSpec:
     # The notebook's ``from __future__`` features (astlock.notebook_future_flags): the
     # cell is compiled under them in every rank, as IPython compiles it serially.
     future_flags: int = 0
+    # The notebook's IPython shows a final assignment's value (``ast_node_interactivity =
+    # 'last_expr_or_assign'``): a cell ending in ``x = ...`` has x as its value, as serially.
+    last_assign: bool = False
 
     @property
     def numbered_source(self) -> str:
@@ -304,7 +307,8 @@ def make_cell_spec(
     # here too, once, not in every rank with a traceback through the worker.
     flags = astlock.notebook_future_flags()
     compile(numbered, filename, "exec", flags=flags, dont_inherit=True)
-    spec = CellSpec(source=source, filename=filename, gather=tuple(gather), line_offset=offset, future_flags=flags)
+    spec = CellSpec(source=source, filename=filename, gather=tuple(gather), line_offset=offset, future_flags=flags,
+                    last_assign=shows_last_assignment())
     from . import payload
 
     for name in sorted(names_used(source, filename, tree)):
@@ -328,8 +332,34 @@ def _same(a: Any, b: Any) -> bool:
                       and a.__func__ is b.__func__ and a.__self__ is b.__self__)
 
 
-def split_last_expression(tree: ast.Module) -> tuple[ast.Module, ast.Expression | None]:
-    """Split off a trailing expression statement, as IPython does for Out[]."""
+def shows_last_assignment() -> bool:
+    """Does the notebook's IPython show the value of a cell's final assignment
+    (``%config InteractiveShell.ast_node_interactivity = 'last_expr_or_assign'``)?
+
+    Read where a cell is sent (the notebook), so its ranks' values are what the cell
+    run serially would show; False outside IPython (a script, a worker). IPython is
+    not imported here: only a shell already running is asked.
+    """
+    ipython = sys.modules.get("IPython")
+    shell = getattr(ipython, "get_ipython", lambda: None)() if ipython is not None else None
+    return getattr(shell, "ast_node_interactivity", "last_expr") == "last_expr_or_assign"
+
+
+def split_last_expression(tree: ast.Module, last_assign: bool = False) -> tuple[ast.Module, ast.Expression | None]:
+    """Split off a trailing expression statement, as IPython does for Out[].
+
+    ``last_assign`` (:func:`shows_last_assignment`): a trailing assignment to one plain
+    name (``x = ...``, ``x += ...``, ``x: T = ...``) stays in the body and the name is
+    the value, as IPython's ``last_expr_or_assign`` appends it (``InteractiveShell.run_ast_nodes``).
+    """
+    if last_assign and tree.body and isinstance(tree.body[-1], (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+        final = tree.body[-1]
+        if isinstance(final, ast.Assign):
+            target: ast.expr | None = final.targets[0] if len(final.targets) == 1 else None
+        else:
+            target = final.target
+        if isinstance(target, ast.Name):
+            return tree, ast.Expression(ast.copy_location(ast.Name(target.id, ast.Load()), target))
     if tree.body and isinstance(tree.body[-1], ast.Expr):
         last = ast.Expression(tree.body[-1].value)
         body = ast.Module(tree.body[:-1], type_ignores=[])
@@ -381,9 +411,10 @@ def run_cell_code(
     body: ast.Module | None = None
     stopped_at: int | None = None  # (the line of the top-level statement that raised)
     try:
-        body, last = split_last_expression(astlock.parse(source, filename))
+        last_assign = getattr(spec, "last_assign", False)
+        body, last = split_last_expression(astlock.parse(source, filename), last_assign)
         if kept and from_notebook:  # (what the rank binds of the notebook's names, as it runs: _mark_bindings)
-            body, last, marks = _marked(body, last, set(from_notebook), source, filename)
+            body, last, marks = _marked(body, last, set(from_notebook), source, filename, last_assign)
             if marks:  # (only then: a cell's globals() shows this name while it runs)
                 ns[_BOUND] = bindings
         code = astlock.compile_tree(body, filename, "exec", spec.future_flags)
@@ -618,7 +649,7 @@ def _mark_captures(case: ast.match_case, watched: set[str]) -> None:
 
 
 def _marked(body: ast.Module, last: ast.Expression | None, watched: set[str], source: str,
-            filename: str) -> tuple[ast.Module, ast.Expression | None, bool]:
+            filename: str, last_assign: bool = False) -> tuple[ast.Module, ast.Expression | None, bool]:
     """The cell's ``body`` and ``last`` expression with :func:`_mark_bindings`' calls, and
     whether it has any; the cell as parsed again, unmarked, should that fail (a syntax
     node it does not know: identity then tells the rank's names, as before)."""
@@ -634,7 +665,7 @@ def _marked(body: ast.Module, last: ast.Expression | None, watched: set[str], so
         return marked, last, marks
     except Exception:
         log.debug("mpmagic: could not mark the bindings of a kept rank's cell", exc_info=True)
-        return (*split_last_expression(astlock.parse(source, filename)), False)
+        return (*split_last_expression(astlock.parse(source, filename), last_assign), False)
 
 
 def _line_raised_at(exc: BaseException, code: types.CodeType) -> int | None:

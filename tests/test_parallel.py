@@ -68,6 +68,25 @@ def test_cell_without_final_expression(ip, backend):
     assert run(ip, "nothing") == [None, None]
 
 
+def test_a_final_assignment_is_the_value_when_ipython_shows_assignments(ip, pool_fs):
+    # %config InteractiveShell.ast_node_interactivity = 'last_expr_or_assign': serially a cell
+    # ending in `x = ...` shows x; each rank's value was None and the cell showed nothing.
+    run(ip, "%config InteractiveShell.ast_node_interactivity = 'last_expr_or_assign'")
+    try:
+        assert cell(ip, "-n 2 -q -o vals", "x = rank * 10") == [0, 10]
+        assert run(ip, "vals") == [0, 10]
+        assert cell(ip, "-n 2 -q", "t = rank\nt += 5") == [5, 6]
+        assert cell(ip, "-n 2 -q", "a: int = rank + 1") == [1, 2]
+        assert cell(ip, "-n 2 -q -o vals", "x = rank * 10;") is None  # (a final ; shows nothing, as serially)
+        assert run(ip, "vals") == [0, 10]
+        assert cell(ip, "-n 2 -q", "a, b = rank, 1") is None  # (not one name: IPython shows nothing either)
+        assert mpmagic.parallel("y = rank", workers=2, namespace={}) == [0, 1]  # (in this notebook too)
+    finally:
+        run(ip, "%config InteractiveShell.ast_node_interactivity = 'last_expr'")
+    assert cell(ip, "-n 2 -q -o vals", "x = rank * 10") is None
+    assert run(ip, "vals") == [None, None]
+
+
 def test_labelled_output_nothing_lost(ip, backend, capsys):
     capsys.readouterr()
     cell(ip, "-n 4 -q", "for i in range(1000):\n    print(f'line {i} of rank {rank}')")
