@@ -2147,7 +2147,9 @@ def parallel(
     Each copy sees ``rank`` (0..size-1), ``size`` and the names of
     ``namespace`` that the code reads (modules are imported again in the
     workers, everything else is cloudpickled). Returns each rank's last
-    expression value in rank order (None where the code ends in a statement);
+    expression value in rank order (None where the code ends in a statement; in an
+    IPython that shows a cell's final assignment, ``ast_node_interactivity =
+    'last_expr_or_assign'``, a final ``x = ...`` gives x, as the cell would show);
     ``gather`` names variables to bring back from every rank: ``'x'``, ``'x, y'``
     (separated by commas or spaces, as ``--gather`` takes them) or a list of
     names. What ranks print is shown labelled ``[rank N]``. If ranks fail, each
