@@ -276,7 +276,8 @@ class ParallelError(MPMagicError):
     """One or more ranks of a ``parallel`` cell failed.
 
     ``failures`` maps each failed rank to its exception; ``values`` maps each
-    rank that finished to its last value, so nothing computed is lost.
+    rank that finished to its last value, so nothing computed is lost, in rank
+    order (as a serial run per rank gives them; they come in as ranks finish).
     """
 
     def __init__(
@@ -287,7 +288,7 @@ class ParallelError(MPMagicError):
     ) -> None:
         super().__init__(message)
         self.failures = failures
-        self.values = dict(values or {})
+        self.values = dict(sorted((values or {}).items(), key=lambda item: item[0]))
 
 
 class ReduceError(MPMagicError):

@@ -87,6 +87,13 @@ def test_a_final_assignment_is_the_value_when_ipython_shows_assignments(ip, pool
     assert run(ip, "vals") == [None, None]
 
 
+def test_a_parallel_errors_values_are_in_rank_order_as_serially():
+    # The ranks that finished, keyed by rank in the order a serial run per rank gives them:
+    # they came in the order they finished ({1: 1, 0: 0} after a timeout of rank 2).
+    error = mpmagic.ParallelError("m", {2: ValueError("late")}, {1: 1, 0: 0})
+    assert list(error.values.items()) == [(0, 0), (1, 1)]
+
+
 def test_labelled_output_nothing_lost(ip, backend, capsys):
     capsys.readouterr()
     cell(ip, "-n 4 -q", "for i in range(1000):\n    print(f'line {i} of rank {rank}')")
