@@ -2289,7 +2289,8 @@ def parallel(
         if job.failures:
             set_interrupt_outcome(exc, f"{failed_before(job.failures)}; {interrupt_outcome(exc) or STOPPED_OUTCOME}")
         new = run_interrupted("mpmagic.parallel", exc)  # one line in IPython, as %%parallel's
-        new.failures, new.values = dict(job.failures), dict(job.values)  # type: ignore[attr-defined]
+        new.failures, new.values = dict(job.failures), dict(sorted(job.values.items()))  # type: ignore[attr-defined]
+        new.gathered = call.gathered_so_far()  # type: ignore[attr-defined]
         raise new from None
     except BaseException as exc:  # what stopped the cell itself (the pool stopped under it): the report is this run's
         _stopped(call, t0, exc)
@@ -2998,6 +2999,13 @@ class CellCall:
                 report.extra["shared_state"] = no
         return report
 
+    def gathered_so_far(self) -> dict[str, dict[int, Any]]:
+        """Each ``gather`` name's values of the ranks that finished, by rank: what a failed
+        or interrupted run keeps (``.gathered``) beside their last values, as nothing computed
+        is lost. A rank that failed, or was stopped, has none."""
+        return {g: {r: names[g] for r, names in sorted(self.job.gathered.items()) if g in names}
+                for g in self.gather}
+
     def values(self, write: Callable[[str], Any]) -> RankValues:
         """The ranks' values, or ParallelError after writing each failing rank's traceback with ``write``."""
         __tracebackhide__ = True
@@ -3015,7 +3023,7 @@ class CellCall:
             # stopped after it, or timed out waiting on it, follow from it).
             cause = first_failed_rank(job.failures)
             error = ParallelError(parallel_error_line(job.failures, size, job.retried_ranks), dict(job.failures),
-                                  dict(job.values))
+                                  dict(job.values), self.gathered_so_far())
             # Its traceback goes on into that rank's frames, as a map's task error does:
             # %debug stops at the rank's line, not at this raise (IPython shows the error as one line).
             ordered = [job.failures[cause], *(e for _, e in sorted(job.failures.items()))]

@@ -164,6 +164,18 @@ def test_error_in_one_rank_of_four(ip, backend, capsys):
     assert "line 4" in captured.err  # body line 3 is line 4 of the cell, under %%parallel
 
 
+def test_a_failing_rank_keeps_the_gathered_variables_of_the_ranks_that_finished(ip, backend):
+    # Serially rank 0's y was computed before rank 1 raised; the error kept rank 0's last
+    # value (.values) and dropped its --gather y. Nothing computed is lost: .gathered has it.
+    with pytest.raises(mpmagic.ParallelError) as info:
+        cell(ip, "-n 3 -q --gather y,z", "y = rank * 3\nz = -rank\nif rank == 1:\n    raise ValueError('no')\nrank")
+    assert info.value.values == {0: 0, 2: 2}
+    assert info.value.gathered == {"y": {0: 0, 2: 6}, "z": {0: 0, 2: -2}}
+    with pytest.raises(mpmagic.ParallelError) as info:  # (a rank that never set y: none of its names)
+        mpmagic.parallel("if rank:\n    y = rank\nz = rank", workers=2, namespace={}, gather="y z")
+    assert info.value.gathered == {"y": {1: 1}, "z": {1: 1}}
+
+
 @pytest.mark.parametrize("backend_kind", ["forkserver", "dask"])  # (stopping ranks is the manager's code on both start methods)
 def test_a_failing_rank_stops_the_ranks_still_running_as_an_mpi_job_aborts(ip, backend, monkeypatch, tmp_path):
     """Rank 1 raises; rank 0 waits on it (a q.get() that would wait for ever; here a sleep)
