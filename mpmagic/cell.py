@@ -117,7 +117,33 @@ def names_used(source: str, filename: str = "<cell>", tree: ast.AST | None = Non
             if wanted:
                 names.add(name)
         scopes.extend(scope.get_children())
-    return names | _names_in_code_strings(tree)
+    return names | _names_in_code_strings(tree) | _names_read_through_main(tree)
+
+
+def _names_read_through_main(tree: ast.AST) -> set[str]:
+    """The names the code reads as attributes of ``__main__``: ``import __main__`` (or
+    ``as m``) then ``__main__.w``, ``from __main__ import w``, ``sys.modules["__main__"].w``.
+
+    Serially a cell's ``__main__`` is the notebook, so these are the notebook's
+    variables; a rank's ``__main__`` holds the names sent, and those reads raised
+    AttributeError (ImportError) in every rank. A name looked up by a string built
+    at run time (``getattr(__main__, name)``) stays unknown, as in ``exec``.
+    """
+    aliases = {a.asname or a.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+               for a in node.names if a.name == "__main__"}
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "__main__" and not node.level:
+            names |= {a.name for a in node.names if a.name != "*"}
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
+            owner = node.value
+            if isinstance(owner, ast.Name) and owner.id in aliases:
+                names.add(node.attr)
+            elif (isinstance(owner, ast.Subscript) and isinstance(owner.slice, ast.Constant)
+                  and owner.slice.value == "__main__" and isinstance(owner.value, ast.Attribute)
+                  and owner.value.attr == "modules"):  # (sys.modules["__main__"].w)
+                names.add(node.attr)
+    return {n for n in names if not (n.startswith("__") and n.endswith("__"))}  # (a module's own: __name__, __dict__)
 
 
 def names_assigned(tree: ast.AST) -> set[str]:

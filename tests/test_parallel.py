@@ -354,6 +354,18 @@ def test_ipython_syntax_in_the_cell_is_named_with_what_to_use_instead(ip, pool_f
     assert usage_error(ip, "%%parallel -n 2 -q\nx = 1 +\n") == "%%parallel: the cell has a syntax error on line 2: invalid syntax"
 
 
+def test_notebook_names_read_through_main_are_sent(ip, pool_fs):
+    # Serially a cell's __main__ is the notebook: `import __main__; __main__.w` and
+    # `from __main__ import w` read the notebook's w. A rank's __main__ had only the names
+    # the cell reads by name: AttributeError / ImportError in every rank.
+    run(ip, "w_main, v_main, u_main = [1, 2], 'v', 3")
+    assert cell(ip, "-n 2 -q", "import __main__\n__main__.w_main + [rank]") == [[1, 2, 0], [1, 2, 1]]
+    assert cell(ip, "-n 2 -q", "import __main__ as m\nfrom __main__ import v_main\n(m.u_main, v_main)") == [
+        (3, "v"), (3, "v")]
+    assert cell(ip, "-n 2 -q", "import sys\nsys.modules['__main__'].u_main + rank") == [3, 4]
+    assert cell(ip, "-n 1 -q", "import __main__\nhasattr(__main__, 'not_a_notebook_name')") == [False]
+
+
 def test_a_functions_own_names_are_not_taken_from_the_notebook(ip, backend):
     """``def g(r)`` in the cell, and an unpicklable ``r`` in the notebook: serial
     Python never reads the notebook's ``r`` there, so it is not sent (the cell
