@@ -121,28 +121,43 @@ def names_used(source: str, filename: str = "<cell>", tree: ast.AST | None = Non
 
 
 def _names_read_through_main(tree: ast.AST) -> set[str]:
-    """The names the code reads as attributes of ``__main__``: ``import __main__`` (or
-    ``as m``) then ``__main__.w``, ``from __main__ import w``, ``sys.modules["__main__"].w``.
+    """The names the code reads off the notebook's namespace by a literal name: as
+    attributes of ``__main__`` (``import __main__`` or ``as m`` then ``__main__.w``,
+    ``from __main__ import w``, ``sys.modules["__main__"].w``) or as keys of its
+    ``globals()`` (``globals()["w"]``, ``globals().get("w")``).
 
-    Serially a cell's ``__main__`` is the notebook, so these are the notebook's
-    variables; a rank's ``__main__`` holds the names sent, and those reads raised
-    AttributeError (ImportError) in every rank. A name looked up by a string built
-    at run time (``getattr(__main__, name)``) stays unknown, as in ``exec``.
+    Serially a cell's ``__main__`` and ``globals()`` are the notebook's, so these are
+    the notebook's variables; a rank's hold the names sent, and those reads raised
+    AttributeError (ImportError, KeyError) in every rank. A name built at run time
+    (``getattr(__main__, name)``) stays unknown, as in ``exec``.
     """
     aliases = {a.asname or a.name for node in ast.walk(tree) if isinstance(node, ast.Import)
                for a in node.names if a.name == "__main__"}
+
+    def is_main(node: ast.expr) -> bool:  # (__main__, or sys.modules["__main__"])
+        return (isinstance(node, ast.Name) and node.id in aliases) or (
+            isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant)
+            and node.slice.value == "__main__" and isinstance(node.value, ast.Attribute)
+            and node.value.attr == "modules")
+
+    def is_globals(node: ast.expr) -> bool:  # (globals(), or __main__.__dict__)
+        return (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "globals"
+                and not node.args and not node.keywords) or (
+            isinstance(node, ast.Attribute) and node.attr == "__dict__" and is_main(node.value))
+
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module == "__main__" and not node.level:
             names |= {a.name for a in node.names if a.name != "*"}
-        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
-            owner = node.value
-            if isinstance(owner, ast.Name) and owner.id in aliases:
-                names.add(node.attr)
-            elif (isinstance(owner, ast.Subscript) and isinstance(owner.slice, ast.Constant)
-                  and owner.slice.value == "__main__" and isinstance(owner.value, ast.Attribute)
-                  and owner.value.attr == "modules"):  # (sys.modules["__main__"].w)
-                names.add(node.attr)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load) and is_main(node.value):
+            names.add(node.attr)
+        elif (isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load) and is_globals(node.value)
+              and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str)):
+            names.add(node.slice.value)
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
+              and is_globals(node.func.value) and node.args and isinstance(node.args[0], ast.Constant)
+              and isinstance(node.args[0].value, str)):
+            names.add(node.args[0].value)
     return {n for n in names if not (n.startswith("__") and n.endswith("__"))}  # (a module's own: __name__, __dict__)
 
 

@@ -364,6 +364,8 @@ def test_notebook_names_read_through_main_are_sent(ip, pool_fs):
         (3, "v"), (3, "v")]
     assert cell(ip, "-n 2 -q", "import sys\nsys.modules['__main__'].u_main + rank") == [3, 4]
     assert cell(ip, "-n 1 -q", "import __main__\nhasattr(__main__, 'not_a_notebook_name')") == [False]
+    assert cell(ip, "-n 2 -q", "(globals()['u_main'] + rank, globals().get('v_main'))") == [(3, "v"), (4, "v")]
+    assert cell(ip, "-n 1 -q", "import __main__\n__main__.__dict__['w_main']") == [[1, 2]]
 
 
 def test_a_functions_own_names_are_not_taken_from_the_notebook(ip, backend):
