@@ -149,8 +149,11 @@ def _names_read_through_main(tree: ast.AST) -> set[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module == "__main__" and not node.level:
             names |= {a.name for a in node.names if a.name != "*"}
-        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load) and is_main(node.value):
-            names.add(node.attr)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, (ast.Load, ast.Del)) and is_main(node.value):
+            names.add(node.attr)  # (a del needs it there, as serially)
+        elif (isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Attribute)
+              and is_main(node.target.value)):  # (__main__.n += 1 reads it first)
+            names.add(node.target.attr)
         elif (isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load) and is_globals(node.value)
               and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str)):
             names.add(node.slice.value)

@@ -366,6 +366,9 @@ def test_notebook_names_read_through_main_are_sent(ip, pool_fs):
     assert cell(ip, "-n 1 -q", "import __main__\nhasattr(__main__, 'not_a_notebook_name')") == [False]
     assert cell(ip, "-n 2 -q", "(globals()['u_main'] + rank, globals().get('v_main'))") == [(3, "v"), (4, "v")]
     assert cell(ip, "-n 1 -q", "import __main__\n__main__.__dict__['w_main']") == [[1, 2]]
+    assert cell(ip, "-n 2 -q", "import __main__\n__main__.u_main += rank\ndel __main__.v_main\n"
+                               "(u_main, 'v_main' in globals())") == [(3, False), (4, False)]
+    assert run(ip, "(u_main, v_main)") == (3, "v")  # (the ranks' own copies changed)
 
 
 def test_a_functions_own_names_are_not_taken_from_the_notebook(ip, backend):
