@@ -58,6 +58,7 @@ from .cell import (
     make_cell_spec,
     names_assigned,
     run_cell_code,
+    shows_last_assignment,
     split_last_expression,
 )
 from .checks import (
@@ -2146,7 +2147,9 @@ def parallel(
     Each copy sees ``rank`` (0..size-1), ``size`` and the names of
     ``namespace`` that the code reads (modules are imported again in the
     workers, everything else is cloudpickled). Returns each rank's last
-    expression value in rank order (None where the code ends in a statement);
+    expression value in rank order (None where the code ends in a statement; in an
+    IPython that shows a cell's final assignment, ``ast_node_interactivity =
+    'last_expr_or_assign'``, a final ``x = ...`` gives x, as the cell would show);
     ``gather`` names variables to bring back from every rank: ``'x'``, ``'x, y'``
     (separated by commas or spaces, as ``--gather`` takes them) or a list of
     names. What ranks print is shown labelled ``[rank N]``. If ranks fail, each
@@ -2286,7 +2289,8 @@ def parallel(
         if job.failures:
             set_interrupt_outcome(exc, f"{failed_before(job.failures)}; {interrupt_outcome(exc) or STOPPED_OUTCOME}")
         new = run_interrupted("mpmagic.parallel", exc)  # one line in IPython, as %%parallel's
-        new.failures, new.values = dict(job.failures), dict(job.values)  # type: ignore[attr-defined]
+        new.failures, new.values = dict(job.failures), dict(sorted(job.values.items()))  # type: ignore[attr-defined]
+        new.gathered = call.gathered_so_far()  # type: ignore[attr-defined]
         raise new from None
     except BaseException as exc:  # what stopped the cell itself (the pool stopped under it): the report is this run's
         _stopped(call, t0, exc)
@@ -2995,6 +2999,13 @@ class CellCall:
                 report.extra["shared_state"] = no
         return report
 
+    def gathered_so_far(self) -> dict[str, dict[int, Any]]:
+        """Each ``gather`` name's values of the ranks that finished, by rank: what a failed
+        or interrupted run keeps (``.gathered``) beside their last values, as nothing computed
+        is lost. A rank that failed, or was stopped, has none."""
+        return {g: {r: names[g] for r, names in sorted(self.job.gathered.items()) if g in names}
+                for g in self.gather}
+
     def values(self, write: Callable[[str], Any]) -> RankValues:
         """The ranks' values, or ParallelError after writing each failing rank's traceback with ``write``."""
         __tracebackhide__ = True
@@ -3012,7 +3023,7 @@ class CellCall:
             # stopped after it, or timed out waiting on it, follow from it).
             cause = first_failed_rank(job.failures)
             error = ParallelError(parallel_error_line(job.failures, size, job.retried_ranks), dict(job.failures),
-                                  dict(job.values))
+                                  dict(job.values), self.gathered_so_far())
             # Its traceback goes on into that rank's frames, as a map's task error does:
             # %debug stops at the rank's line, not at this raise (IPython shows the error as one line).
             ordered = [job.failures[cause], *(e for _, e in sorted(job.failures.items()))]
@@ -3092,9 +3103,10 @@ def _pack_spec(spec: Any, lease: shm.Lease | None = None, local: bool = False) -
 
 
 def cell_has_value(code: str) -> bool:
-    """Does the cell end in an expression (so it has a value to show)?"""
+    """Does the cell end in an expression (so it has a value to show)? Or in an
+    assignment to one name, where IPython shows those (``cell.shows_last_assignment``)."""
     try:
-        return split_last_expression(astlock.parse(code))[1] is not None
+        return split_last_expression(astlock.parse(code), shows_last_assignment())[1] is not None
     except SyntaxError:
         return False
 

@@ -56,6 +56,9 @@ class CellSpec:
     # The notebook's ``from __future__`` features (astlock.notebook_future_flags): the
     # cell is compiled under them in every rank, as IPython compiles it serially.
     future_flags: int = 0
+    # The notebook's IPython shows a final assignment's value (``ast_node_interactivity =
+    # 'last_expr_or_assign'``): a cell ending in ``x = ...`` has x as its value, as serially.
+    last_assign: bool = False
 
     @property
     def numbered_source(self) -> str:
@@ -114,7 +117,51 @@ def names_used(source: str, filename: str = "<cell>", tree: ast.AST | None = Non
             if wanted:
                 names.add(name)
         scopes.extend(scope.get_children())
-    return names | _names_in_code_strings(tree)
+    return names | _names_in_code_strings(tree) | _names_read_through_main(tree)
+
+
+def _names_read_through_main(tree: ast.AST) -> set[str]:
+    """The names the code reads off the notebook's namespace by a literal name: as
+    attributes of ``__main__`` (``import __main__`` or ``as m`` then ``__main__.w``,
+    ``from __main__ import w``, ``sys.modules["__main__"].w``) or as keys of its
+    ``globals()`` (``globals()["w"]``, ``globals().get("w")``).
+
+    Serially a cell's ``__main__`` and ``globals()`` are the notebook's, so these are
+    the notebook's variables; a rank's hold the names sent, and those reads raised
+    AttributeError (ImportError, KeyError) in every rank. A name built at run time
+    (``getattr(__main__, name)``) stays unknown, as in ``exec``.
+    """
+    aliases = {a.asname or a.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+               for a in node.names if a.name == "__main__"}
+
+    def is_main(node: ast.expr) -> bool:  # (__main__, or sys.modules["__main__"])
+        return (isinstance(node, ast.Name) and node.id in aliases) or (
+            isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant)
+            and node.slice.value == "__main__" and isinstance(node.value, ast.Attribute)
+            and node.value.attr == "modules")
+
+    def is_globals(node: ast.expr) -> bool:  # (globals(), or __main__.__dict__)
+        return (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "globals"
+                and not node.args and not node.keywords) or (
+            isinstance(node, ast.Attribute) and node.attr == "__dict__" and is_main(node.value))
+
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "__main__" and not node.level:
+            names |= {a.name for a in node.names if a.name != "*"}
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, (ast.Load, ast.Del)) and is_main(node.value):
+            names.add(node.attr)  # (a del needs it there, as serially)
+        elif (isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Attribute)
+              and is_main(node.target.value)):  # (__main__.n += 1 reads it first)
+            names.add(node.target.attr)
+        elif (isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load) and is_globals(node.value)
+              and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str)):
+            names.add(node.slice.value)
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
+              and is_globals(node.func.value) and node.args and isinstance(node.args[0], ast.Constant)
+              and isinstance(node.args[0].value, str)):
+            names.add(node.args[0].value)
+    return {n for n in names if not (n.startswith("__") and n.endswith("__"))}  # (a module's own: __name__, __dict__)
 
 
 def names_assigned(tree: ast.AST) -> set[str]:
@@ -304,7 +351,8 @@ def make_cell_spec(
     # here too, once, not in every rank with a traceback through the worker.
     flags = astlock.notebook_future_flags()
     compile(numbered, filename, "exec", flags=flags, dont_inherit=True)
-    spec = CellSpec(source=source, filename=filename, gather=tuple(gather), line_offset=offset, future_flags=flags)
+    spec = CellSpec(source=source, filename=filename, gather=tuple(gather), line_offset=offset, future_flags=flags,
+                    last_assign=shows_last_assignment())
     from . import payload
 
     for name in sorted(names_used(source, filename, tree)):
@@ -328,8 +376,34 @@ def _same(a: Any, b: Any) -> bool:
                       and a.__func__ is b.__func__ and a.__self__ is b.__self__)
 
 
-def split_last_expression(tree: ast.Module) -> tuple[ast.Module, ast.Expression | None]:
-    """Split off a trailing expression statement, as IPython does for Out[]."""
+def shows_last_assignment() -> bool:
+    """Does the notebook's IPython show the value of a cell's final assignment
+    (``%config InteractiveShell.ast_node_interactivity = 'last_expr_or_assign'``)?
+
+    Read where a cell is sent (the notebook), so its ranks' values are what the cell
+    run serially would show; False outside IPython (a script, a worker). IPython is
+    not imported here: only a shell already running is asked.
+    """
+    ipython = sys.modules.get("IPython")
+    shell = getattr(ipython, "get_ipython", lambda: None)() if ipython is not None else None
+    return getattr(shell, "ast_node_interactivity", "last_expr") == "last_expr_or_assign"
+
+
+def split_last_expression(tree: ast.Module, last_assign: bool = False) -> tuple[ast.Module, ast.Expression | None]:
+    """Split off a trailing expression statement, as IPython does for Out[].
+
+    ``last_assign`` (:func:`shows_last_assignment`): a trailing assignment to one plain
+    name (``x = ...``, ``x += ...``, ``x: T = ...``) stays in the body and the name is
+    the value, as IPython's ``last_expr_or_assign`` appends it (``InteractiveShell.run_ast_nodes``).
+    """
+    if last_assign and tree.body and isinstance(tree.body[-1], (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+        final = tree.body[-1]
+        if isinstance(final, ast.Assign):
+            target: ast.expr | None = final.targets[0] if len(final.targets) == 1 else None
+        else:
+            target = final.target
+        if isinstance(target, ast.Name):
+            return tree, ast.Expression(ast.copy_location(ast.Name(target.id, ast.Load()), target))
     if tree.body and isinstance(tree.body[-1], ast.Expr):
         last = ast.Expression(tree.body[-1].value)
         body = ast.Module(tree.body[:-1], type_ignores=[])
@@ -381,9 +455,10 @@ def run_cell_code(
     body: ast.Module | None = None
     stopped_at: int | None = None  # (the line of the top-level statement that raised)
     try:
-        body, last = split_last_expression(astlock.parse(source, filename))
+        last_assign = getattr(spec, "last_assign", False)
+        body, last = split_last_expression(astlock.parse(source, filename), last_assign)
         if kept and from_notebook:  # (what the rank binds of the notebook's names, as it runs: _mark_bindings)
-            body, last, marks = _marked(body, last, set(from_notebook), source, filename)
+            body, last, marks = _marked(body, last, set(from_notebook), source, filename, last_assign)
             if marks:  # (only then: a cell's globals() shows this name while it runs)
                 ns[_BOUND] = bindings
         code = astlock.compile_tree(body, filename, "exec", spec.future_flags)
@@ -618,7 +693,7 @@ def _mark_captures(case: ast.match_case, watched: set[str]) -> None:
 
 
 def _marked(body: ast.Module, last: ast.Expression | None, watched: set[str], source: str,
-            filename: str) -> tuple[ast.Module, ast.Expression | None, bool]:
+            filename: str, last_assign: bool = False) -> tuple[ast.Module, ast.Expression | None, bool]:
     """The cell's ``body`` and ``last`` expression with :func:`_mark_bindings`' calls, and
     whether it has any; the cell as parsed again, unmarked, should that fail (a syntax
     node it does not know: identity then tells the rank's names, as before)."""
@@ -634,7 +709,7 @@ def _marked(body: ast.Module, last: ast.Expression | None, watched: set[str], so
         return marked, last, marks
     except Exception:
         log.debug("mpmagic: could not mark the bindings of a kept rank's cell", exc_info=True)
-        return (*split_last_expression(astlock.parse(source, filename)), False)
+        return (*split_last_expression(astlock.parse(source, filename), last_assign), False)
 
 
 def _line_raised_at(exc: BaseException, code: types.CodeType) -> int | None:

@@ -1313,7 +1313,7 @@ class CellCheckpoint:
             # notebook by the previous run) are not inputs of this one.
             names = {k: v for k, v in spec.names.items() if k not in gather}
             try:
-                self.run, run_pickle = cell_key(code, names, spec.modules, self.gather, size, seed, used)
+                self.run, run_pickle = cell_key(code, names, spec.modules, self.gather, size, seed, used, spec.last_assign)
             except Exception:
                 # Values the cell assigns that cannot be pickled: the ranks start without
                 # them (cell.leave_out_unpicklable), so the key does not cover them either.
@@ -1321,7 +1321,7 @@ class CellCheckpoint:
                     raise
                 names = {k: v for k, v in spec.names.items() if k not in gather}
                 used.clear()
-                self.run, run_pickle = cell_key(code, names, spec.modules, self.gather, size, seed, used)
+                self.run, run_pickle = cell_key(code, names, spec.modules, self.gather, size, seed, used, spec.last_assign)
         except Exception as exc:
             log.debug("no key for the cell: %s", exc)
             raise ValueError("no checkpoint key for the cell") from exc

@@ -495,16 +495,20 @@ def run_key(func: Any, star: bool, used: dict[str, str] | None = None) -> tuple[
 
 
 def cell_key(source: str, names: dict, modules: dict, gather: tuple, size: int,
-             seed: int | None = None, used: dict[str, str] | None = None) -> tuple[bytes, bytes]:
+             seed: int | None = None, used: dict[str, str] | None = None,
+             last_assign: bool = False) -> tuple[bytes, bytes]:
     """The run key of a ``%%parallel`` cell: its text, the names it reads, its size,
     its ``seed`` (another seed gives other values: a --seed 4 run returned the
     values stored by a --seed 3 one) and the worker setup (a cell reads its names
     as a map's function does: a new setup returned the old one's stored values).
-    ``used``: as :func:`run_key`'s."""
+    ``used``: as :func:`run_key`'s. ``last_assign``: a final ``x = ...`` is the value
+    (``CellSpec.last_assign``), not None: other values than the same cell's without it."""
     h = hashlib.blake2b(digest_size=16, person=b"mpmagic-cell")
     h.update(f"{FORMAT}|{sys.version_info[0]}.{sys.version_info[1]}|{size}|{gather}|".encode())
     if seed is not None:  # (only then: the keys of cells without a seed stay as they were)
         h.update(f"seed {seed}|".encode())
+    if last_assign:  # (only then: the keys of other cells stay as they were)
+        h.update(b"last assign|")
     if setup := _setup_digest():  # (only then, as in run_key)
         h.update(b"setup " + setup)
     h.update(source.encode())

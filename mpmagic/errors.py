@@ -276,7 +276,10 @@ class ParallelError(MPMagicError):
     """One or more ranks of a ``parallel`` cell failed.
 
     ``failures`` maps each failed rank to its exception; ``values`` maps each
-    rank that finished to its last value, so nothing computed is lost.
+    rank that finished to its last value, so nothing computed is lost, in rank
+    order (as a serial run per rank gives them; they come in as ranks finish).
+    ``gathered`` maps each ``gather=`` (``--gather``) name to those ranks' values
+    of it, by rank: a finished rank's variables are computed too.
     """
 
     def __init__(
@@ -284,10 +287,13 @@ class ParallelError(MPMagicError):
         message: str,
         failures: dict[int, BaseException],
         values: dict[int, object] | None = None,
+        gathered: dict[str, dict[int, object]] | None = None,
     ) -> None:
         super().__init__(message)
         self.failures = failures
-        self.values = dict(values or {})
+        self.values = dict(sorted((values or {}).items(), key=lambda item: item[0]))
+        self.gathered = {name: dict(sorted(by_rank.items(), key=lambda item: item[0]))
+                         for name, by_rank in (gathered or {}).items()}
 
 
 class ReduceError(MPMagicError):

@@ -1088,7 +1088,7 @@ class _magic_errors:  # noqa: N801 (used as a function: `with _magic_errors(pars
                 raise _interrupted(parser.prog, _SERIAL_INTERRUPTED.format(magic=parser.prog, values=values)) from None
             new = _interrupted(parser.prog, outcome=(interrupt_outcome(exc) or _STOPPED) + interrupt_read_past(exc))
             # (a cell's ranks that had failed, and those that finished: its line says where they are)
-            new.__dict__.update({k: v for k, v in exc.__dict__.items() if k in ("failures", "values")})
+            new.__dict__.update({k: v for k, v in exc.__dict__.items() if k in ("failures", "values", "gathered")})
             raise new from None
 
 

@@ -2412,3 +2412,16 @@ def test_a_run_resuming_nothing_while_runs_of_its_name_are_stored_says_so_once(i
         assert run(ip, f"mpmagic.pmap(area, iter(range(3)), checkpoint={str(store_dir)!r})") == [0, 5, 10]
     lines = _other_runs_lines(caught)
     assert len(lines) == 1 and "holds 2 runs of a function named `area`" in lines[0], lines
+
+
+def test_a_cell_ending_in_an_assignment_is_keyed_apart_where_ipython_shows_assignments(ip, store_dir):
+    """With ``ast_node_interactivity = 'last_expr_or_assign'`` a cell ending in ``x = ...`` has
+    x as its value (cell.shows_last_assignment): the same cell's stored Nones from a run
+    without it were returned."""
+    assert ip.run_cell_magic("parallel", "-n 2 -q --checkpoint -o vals", "x = rank * 10\n") is None
+    assert run(ip, "vals") == [None, None]
+    run(ip, "%config InteractiveShell.ast_node_interactivity = 'last_expr_or_assign'")
+    try:
+        assert ip.run_cell_magic("parallel", "-n 2 -q --checkpoint", "x = rank * 10\n") == [0, 10]
+    finally:
+        run(ip, "%config InteractiveShell.ast_node_interactivity = 'last_expr'")

@@ -794,7 +794,7 @@ def test_a_rank_that_fails_while_others_run_is_said_at_once_and_kept_on_interrup
     assert [(f.rank, type(f.error).__name__) for f in mpmagic.last_failures()] == [(0, "ValueError")]
     assert str(info.value).startswith("%%parallel interrupted: rank 0 had failed (ValueError: no input file; kept in "
                                       "this interrupt's .failures); the work still running was stopped")
-    assert isinstance(info.value.failures[0], ValueError) and info.value.values == {}
+    assert isinstance(info.value.failures[0], ValueError) and info.value.values == {} and info.value.gathered == {}
     assert mpmagic.last_report().line().startswith("parallel interrupted after 0 of 2 ranks finished, 1 failed "
                                                    "(rank 0), ")
     # The last rank to fail: its error is the cell's, with no line before it.

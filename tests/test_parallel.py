@@ -68,6 +68,32 @@ def test_cell_without_final_expression(ip, backend):
     assert run(ip, "nothing") == [None, None]
 
 
+def test_a_final_assignment_is_the_value_when_ipython_shows_assignments(ip, pool_fs):
+    # %config InteractiveShell.ast_node_interactivity = 'last_expr_or_assign': serially a cell
+    # ending in `x = ...` shows x; each rank's value was None and the cell showed nothing.
+    run(ip, "%config InteractiveShell.ast_node_interactivity = 'last_expr_or_assign'")
+    try:
+        assert cell(ip, "-n 2 -q -o vals", "x = rank * 10") == [0, 10]
+        assert run(ip, "vals") == [0, 10]
+        assert cell(ip, "-n 2 -q", "t = rank\nt += 5") == [5, 6]
+        assert cell(ip, "-n 2 -q", "a: int = rank + 1") == [1, 2]
+        assert cell(ip, "-n 2 -q -o vals", "x = rank * 10;") is None  # (a final ; shows nothing, as serially)
+        assert run(ip, "vals") == [0, 10]
+        assert cell(ip, "-n 2 -q", "a, b = rank, 1") is None  # (not one name: IPython shows nothing either)
+        assert mpmagic.parallel("y = rank", workers=2, namespace={}) == [0, 1]  # (in this notebook too)
+    finally:
+        run(ip, "%config InteractiveShell.ast_node_interactivity = 'last_expr'")
+    assert cell(ip, "-n 2 -q -o vals", "x = rank * 10") is None
+    assert run(ip, "vals") == [None, None]
+
+
+def test_a_parallel_errors_values_are_in_rank_order_as_serially():
+    # The ranks that finished, keyed by rank in the order a serial run per rank gives them:
+    # they came in the order they finished ({1: 1, 0: 0} after a timeout of rank 2).
+    error = mpmagic.ParallelError("m", {2: ValueError("late")}, {1: 1, 0: 0})
+    assert list(error.values.items()) == [(0, 0), (1, 1)]
+
+
 def test_labelled_output_nothing_lost(ip, backend, capsys):
     capsys.readouterr()
     cell(ip, "-n 4 -q", "for i in range(1000):\n    print(f'line {i} of rank {rank}')")
@@ -136,6 +162,18 @@ def test_error_in_one_rank_of_four(ip, backend, capsys):
     # The failing rank's traceback shows the cell's own line and number.
     assert "[rank 2]" in captured.err and "raise ValueError('bad rank')" in captured.err
     assert "line 4" in captured.err  # body line 3 is line 4 of the cell, under %%parallel
+
+
+def test_a_failing_rank_keeps_the_gathered_variables_of_the_ranks_that_finished(ip, backend):
+    # Serially rank 0's y was computed before rank 1 raised; the error kept rank 0's last
+    # value (.values) and dropped its --gather y. Nothing computed is lost: .gathered has it.
+    with pytest.raises(mpmagic.ParallelError) as info:
+        cell(ip, "-n 3 -q --gather y,z", "y = rank * 3\nz = -rank\nif rank == 1:\n    raise ValueError('no')\nrank")
+    assert info.value.values == {0: 0, 2: 2}
+    assert info.value.gathered == {"y": {0: 0, 2: 6}, "z": {0: 0, 2: -2}}
+    with pytest.raises(mpmagic.ParallelError) as info:  # (a rank that never set y: none of its names)
+        mpmagic.parallel("if rank:\n    y = rank\nz = rank", workers=2, namespace={}, gather="y z")
+    assert info.value.gathered == {"y": {1: 1}, "z": {1: 1}}
 
 
 @pytest.mark.parametrize("backend_kind", ["forkserver", "dask"])  # (stopping ranks is the manager's code on both start methods)
@@ -314,6 +352,23 @@ def test_ipython_syntax_in_the_cell_is_named_with_what_to_use_instead(ip, pool_f
     assert cell(ip, "-n 2 -q", "import mpmagic\nmpmagic.pmap(abs, [-rank])") == [[0], [1]]
     # A plain syntax error is still reported as one.
     assert usage_error(ip, "%%parallel -n 2 -q\nx = 1 +\n") == "%%parallel: the cell has a syntax error on line 2: invalid syntax"
+
+
+def test_notebook_names_read_through_main_are_sent(ip, pool_fs):
+    # Serially a cell's __main__ is the notebook: `import __main__; __main__.w` and
+    # `from __main__ import w` read the notebook's w. A rank's __main__ had only the names
+    # the cell reads by name: AttributeError / ImportError in every rank.
+    run(ip, "w_main, v_main, u_main = [1, 2], 'v', 3")
+    assert cell(ip, "-n 2 -q", "import __main__\n__main__.w_main + [rank]") == [[1, 2, 0], [1, 2, 1]]
+    assert cell(ip, "-n 2 -q", "import __main__ as m\nfrom __main__ import v_main\n(m.u_main, v_main)") == [
+        (3, "v"), (3, "v")]
+    assert cell(ip, "-n 2 -q", "import sys\nsys.modules['__main__'].u_main + rank") == [3, 4]
+    assert cell(ip, "-n 1 -q", "import __main__\nhasattr(__main__, 'not_a_notebook_name')") == [False]
+    assert cell(ip, "-n 2 -q", "(globals()['u_main'] + rank, globals().get('v_main'))") == [(3, "v"), (4, "v")]
+    assert cell(ip, "-n 1 -q", "import __main__\n__main__.__dict__['w_main']") == [[1, 2]]
+    assert cell(ip, "-n 2 -q", "import __main__\n__main__.u_main += rank\ndel __main__.v_main\n"
+                               "(u_main, 'v_main' in globals())") == [(3, False), (4, False)]
+    assert run(ip, "(u_main, v_main)") == (3, "v")  # (the ranks' own copies changed)
 
 
 def test_a_functions_own_names_are_not_taken_from_the_notebook(ip, backend):
