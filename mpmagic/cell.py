@@ -455,7 +455,7 @@ def run_cell_code(
     body: ast.Module | None = None
     stopped_at: int | None = None  # (the line of the top-level statement that raised)
     try:
-        last_assign = getattr(spec, "last_assign", False)
+        last_assign = spec.last_assign
         body, last = split_last_expression(astlock.parse(source, filename), last_assign)
         if kept and from_notebook:  # (what the rank binds of the notebook's names, as it runs: _mark_bindings)
             body, last, marks = _marked(body, last, set(from_notebook), source, filename, last_assign)
