@@ -24,8 +24,8 @@ their tasks started) and sweeps the dead notebook's shared memory, and
 removes its own socket's ``/tmp/pymp-XXXX`` directory (the notebook's exit
 would have).
 
-Never import this module anywhere else: it would make that process deaf to
-Ctrl-C.
+Importing it anywhere else runs none of this (:func:`_imported_by_the_fork_server`);
+a test may import it to call its functions.
 """
 
 from __future__ import annotations
@@ -159,7 +159,26 @@ def _after_the_notebook(notebook: int, me: int) -> None:
         pass
 
 
-if "multiprocessing.forkserver" in sys.modules and sys.argv[:1] == ["-c"]:
+def _imported_by_the_fork_server() -> bool:
+    """Is this import the fork server's own, of its preload modules (``multiprocessing
+    .forkserver.main`` is on the stack)? Only then is this process the fork server.
+
+    The test was ``multiprocessing.forkserver`` imported and ``sys.argv == ["-c"]``,
+    which any ``python -c`` process using a forkserver pool passes (a pytest-xdist
+    worker): a test importing this module to call its functions made that process
+    ignore SIGINT, lead a session of its own and sweep its parent's processes at exit.
+    """
+    main = getattr(sys.modules.get("multiprocessing.forkserver"), "main", None)
+    code = getattr(main, "__code__", None)
+    frame = sys._getframe(1) if code is not None else None
+    while frame is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
+
+
+if _imported_by_the_fork_server():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         try:

@@ -585,6 +585,22 @@ def test_a_forkserver_the_notebook_stops_itself_leaves_at_once(monkeypatch):
     forkserver_preload._after_the_notebook(os.getpid(), os.getpid())
 
 
+def test_importing_the_forkserver_preload_elsewhere_leaves_ctrl_c_and_the_session_alone():
+    """Its fork-server set-up (ignore SIGINT, a session of its own, the exit's sweep)
+    ran in any ``python -c`` process that had imported ``multiprocessing.forkserver``,
+    as a pytest-xdist worker is: a test importing it to call its functions left that
+    process deaf to Ctrl-C for the rest of its tests (a later test's timed interrupt
+    of an endless map then hung until the suite's timeout). Only the fork server's
+    own import of its preload modules sets it up."""
+    probe = ("import multiprocessing.forkserver, os, signal\n"
+             "sid = os.getsid(0)\n"
+             "import mpmagic.forkserver_preload\n"
+             "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler, os.getsid(0) == sid)\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.stdout.split() == ["True", "True"], (done.stdout, done.stderr)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and /dev/shm")
 def test_killing_the_kernel_leaves_no_worker_segment_or_semaphore():
     k = Kernel()
