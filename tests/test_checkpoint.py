@@ -830,33 +830,34 @@ def _rows_scaled_down(monkeypatch) -> None:
     monkeypatch.setattr(checkpoint_store, "_ROW_BYTES", 2_000_000)
 
 
-def test_plain_results_too_big_for_one_sqlite_value_are_stored_as_files(ip, store_dir, monkeypatch):
+# (the function's cell, the map's arguments, the items, what serial map gives)
+_BIG_PLAIN_RESULTS = {
     # bytes, strings, lists pickle in-band (only numpy buffers went to files): a chunk of
     # big ones was one row over SQLite's limit ("string or blob too big"), and the run,
     # and every run of that call after it, stored nothing more.
-    run(ip, "def blob(x):\n    return bytes([x]) * 2_000_000 if x % 2 else [x] * 10\n")
-    _rows_scaled_down(monkeypatch)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        first = run(ip, "%pmap -q --checkpoint --chunksize 4 blob, range(12)")
-    assert [str(w.message) for w in caught if "checkpoint" in str(w.message)] == []
-    again = run(ip, "%pmap -q --checkpoint --chunksize 4 blob, range(12)")
-    assert "resumed: 12 of 12" in api.last_report().line()
-    assert first == again == [bytes([x]) * 2_000_000 if x % 2 else [x] * 10 for x in range(12)]
-
-
-def test_a_chunk_of_many_mid_sized_results_is_not_one_row_over_the_limit(ip, store_dir, monkeypatch):
+    "too big for one sqlite value": ("def blob(x):\n    return bytes([x]) * 2_000_000 if x % 2 else [x] * 10\n",
+                                     "--chunksize 4 blob, range(12)", 12,
+                                     [bytes([x]) * 2_000_000 if x % 2 else [x] * 10 for x in range(12)]),
     # Each result under the file threshold, the chunk's pickle over the row bound: the
     # results past the bound go to files.
-    run(ip, "def mid(x):\n    return str(x) * 300_000\n")  # 600 kB each
+    "many mid-sized in one chunk": ("def mid(x):\n    return str(x) * 300_000\n",  # 600 kB each
+                                    "--chunksize 10 mid, range(10, 30)", 20,
+                                    [str(x) * 300_000 for x in range(10, 30)]),
+}
+
+
+@pytest.mark.parametrize("case", list(_BIG_PLAIN_RESULTS))
+def test_big_plain_results_are_stored_and_resumed_with_no_row_over_the_limit(ip, store_dir, monkeypatch, case):
+    cell, args, n, serial = _BIG_PLAIN_RESULTS[case]
+    run(ip, cell)
     _rows_scaled_down(monkeypatch)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        first = run(ip, "%pmap -q --checkpoint --chunksize 10 mid, range(10, 30)")
+        first = run(ip, f"%pmap -q --checkpoint {args}")
     assert [str(w.message) for w in caught if "checkpoint" in str(w.message)] == []
-    again = run(ip, "%pmap -q --checkpoint --chunksize 10 mid, range(10, 30)")
-    assert "resumed: 20 of 20" in api.last_report().line()
-    assert first == again == [str(x) * 300_000 for x in range(10, 30)]
+    again = run(ip, f"%pmap -q --checkpoint {args}")
+    assert f"resumed: {n} of {n}" in api.last_report().line()
+    assert first == again == serial
 
 
 def test_a_full_disk_at_open_leaves_the_store_alone_and_warns_once(ip, store_dir, monkeypatch):
